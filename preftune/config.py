@@ -1,0 +1,160 @@
+"""The validated run configuration: one YAML file, every key checked, names as in TRL/transformers.
+
+Unknown keys and wrong types are `ConfigError`s that name the key. `--set a.b=value` overrides
+are applied to the raw mapping before validation, so they are checked the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from preftune.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraSettings(_Section):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+class ModelSettings(_Section):
+    name_or_path: str = Field("smollm2-135m", description="embedded model name or a local Hugging Face folder")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    lora: LoraSettings | None = Field(
+        default_factory=LoraSettings,
+        description="LoRA adapter settings; null = full fine-tune with a frozen reference copy",
+    )
+
+
+class DataSettings(_Section):
+    train_file: str = Field("hh-rlhf-harmless:train", description="a JSONL/JSON/Parquet file, or an embedded dataset 'name:split'")
+    validation_file: str | None = Field(
+        "hh-rlhf-harmless:validation", description="null = hold out `validation_split` of the train file"
+    )
+    validation_split: float | int = Field(0.1, description="fraction (0-1) or count held out when validation_file is null")
+    format: Literal["auto", "pairs", "chat", "hh_rlhf"] = "auto"
+    skip_invalid: bool = Field(True, description="skip bad records with a counted reason instead of stopping")
+    max_train_samples: int | None = Field(None, ge=1)
+    max_validation_samples: int | None = Field(None, ge=1)
+    max_length: int = Field(512, ge=8, description="prompt + answer tokens per sequence")
+    max_prompt_length: int | None = Field(None, ge=1, description="default: max_length // 2")
+
+
+class MethodSettings(_Section):
+    loss_type: str = Field("sigmoid", description="sigmoid (DPO); see `preftune losses`")
+    beta: float = Field(0.1, gt=0.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+
+    @field_validator("loss_type")
+    @classmethod
+    def _known_loss(cls, value: str) -> str:
+        from preftune.losses import get_loss_spec
+
+        get_loss_spec(value)
+        return value
+
+
+class TrainingSettings(_Section):
+    learning_rate: float = Field(5e-5, gt=0.0)
+    per_device_train_batch_size: int = Field(8, ge=1)
+    per_device_eval_batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    num_train_epochs: float = Field(1.0, gt=0.0)
+    max_steps: int | None = Field(None, ge=1, description="overrides num_train_epochs when set")
+    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    lr_scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0.0)
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    seed: int = 42
+    logging_steps: int = Field(1, ge=1)
+    eval_steps: int | None = Field(50, ge=1, description="also evaluated before the first and after the last step")
+    save_steps: int | None = Field(None, ge=1, description="checkpoint every N steps (and always at the end)")
+    save_total_limit: int | None = Field(2, ge=1)
+    logprob_chunk_size: int = Field(1024, ge=1, description="answer positions per vocabulary projection chunk")
+    report_to: list[Literal["jsonl", "tensorboard"]] = Field(default_factory=lambda: ["jsonl", "tensorboard"])
+
+
+class RunConfig(_Section):
+    output_dir: str = "runs/preftune"
+    resume_from: str | None = Field(None, description="a checkpoint folder, or 'latest' in output_dir")
+    overwrite_output_dir: bool = False
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    method: MethodSettings = Field(default_factory=MethodSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+
+    @model_validator(mode="after")
+    def _prompt_fits(self) -> RunConfig:
+        if self.data.max_prompt_length is not None and self.data.max_prompt_length >= self.data.max_length:
+            raise ValueError("data.max_prompt_length must be smaller than data.max_length to leave room for answers")
+        return self
+
+
+DEFAULT_CONFIG_PATH = Path(__file__).parent / "defaults" / "demo.yaml"
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> RunConfig:
+    """Read a YAML config (default: the embedded demo), apply `a.b=value` overrides, validate."""
+    source = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    try:
+        raw = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {source}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections (model, data, method, training)")
+    for override in overrides:
+        apply_override(raw, override)
+    return validate_config(raw, source=str(source))
+
+
+def validate_config(raw: dict[str, Any], *, source: str = "<config>") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(f"{source}: invalid configuration:\n{format_validation_error(error)}") from None
+
+
+def format_validation_error(error: ValidationError) -> str:
+    lines = []
+    for problem in error.errors():
+        key = ".".join(str(part) for part in problem["loc"]) or "<top level>"
+        if problem["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (check the spelling; `preftune config` prints every key)")
+        else:
+            lines.append(f"  {key}: {problem['msg']} (got {problem.get('input')!r})")
+    return "\n".join(lines)
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set `a.b.c=value` in a raw config mapping; the value is parsed as YAML (`1e-5`, `true`, `[q_proj]`)."""
+    key, sep, value = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value, got '{override}'")
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

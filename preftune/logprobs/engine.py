@@ -1,0 +1,149 @@
+"""The one log-prob engine: a model and a packed batch in, per-sequence answer log-probs out.
+
+Every method, the evaluator, the probes and the reward path go through `sequence_logps`.
+Its fast paths (shared prompt, packing, answer-only chunked logits) must agree with
+`unshared_sequence_logps`, the plain computation, to float tolerance; tests hold them to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from preftune.data.collate import PackedBatch
+
+# Config attributes of architectures whose logits are not simply `lm_head(final hidden state)`.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+DEFAULT_CHUNK_SIZE = 1024
+
+
+@dataclass
+class SequenceLogps:
+    """Answer log-probs per sequence (`sum`, `count`: [sequences]); see PackedBatch for the order."""
+
+    sum: torch.Tensor
+    count: torch.Tensor
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / self.count
+
+    def by_answer(self, answers_per_example: int) -> list[SequenceLogps]:
+        """Split into one SequenceLogps per answer slot (for pairs: chosen, rejected)."""
+        sums = self.sum.chunk(answers_per_example)
+        counts = self.count.chunk(answers_per_example)
+        return [SequenceLogps(s, c) for s, c in zip(sums, counts)]
+
+    def detach(self) -> SequenceLogps:
+        return SequenceLogps(self.sum.detach(), self.count.detach())
+
+
+def sequence_logps(model: torch.nn.Module, batch: PackedBatch, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> SequenceLogps:
+    """Sum of log p(answer token | context) per sequence, computing logits only at answer positions.
+
+    The vocabulary projection runs over `chunk_size` answer positions at a time and, under
+    autograd, is recomputed in backward instead of stored, so no [tokens, vocab] tensor lives
+    longer than one chunk.
+    """
+    decoder, head = _decoder_and_head(model)
+    mask = _attention_mask_for(model, batch.attention_mask)
+    if decoder is not None:
+        hidden = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask).last_hidden_state
+        answer_hidden = hidden.reshape(-1, hidden.shape[-1])[batch.target_index]  # [targets, hidden]
+        token_logps = _chunked_token_logps(head, answer_hidden, batch.target_ids, chunk_size)
+    else:
+        logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask).logits
+        answer_logits = logits.reshape(-1, logits.shape[-1])[batch.target_index].float()
+        token_logps = answer_logits.gather(-1, batch.target_ids[:, None]).squeeze(-1) - answer_logits.logsumexp(-1)
+    return _per_sequence(token_logps, batch.target_sequence, batch.num_sequences)
+
+
+def _per_sequence(token_logps: torch.Tensor, sequence: torch.Tensor, num_sequences: int) -> SequenceLogps:
+    sums = torch.zeros(num_sequences, dtype=token_logps.dtype, device=token_logps.device).index_add(0, sequence, token_logps)
+    counts = torch.bincount(sequence, minlength=num_sequences).to(token_logps.dtype)
+    return SequenceLogps(sums, counts)
+
+
+def _token_logps(head: torch.nn.Module, hidden: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()
+    return logits.gather(-1, target_ids[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def _chunked_token_logps(
+    head: torch.nn.Module, hidden: torch.Tensor, target_ids: torch.Tensor, chunk_size: int
+) -> torch.Tensor:
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, ids = hidden[start : start + chunk_size], target_ids[start : start + chunk_size]
+        if torch.is_grad_enabled() and h.requires_grad:
+            pieces.append(checkpoint(_token_logps, head, h, ids, use_reentrant=False))
+        else:
+            pieces.append(_token_logps(head, h, ids))
+    return torch.cat(pieces)
+
+
+def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
+    """(decoder returning final hidden states, LM head), or (None, None) when logits need the full forward."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the HF model
+    config = getattr(inner, "config", None)
+    if config is None or any(getattr(config, name, None) for name in _LOGIT_TRANSFORMS):
+        return None, None
+    try:
+        decoder, head = inner.get_decoder(), inner.get_output_embeddings()
+    except (AttributeError, NotImplementedError, ValueError):
+        return None, None
+    if decoder is None or head is None or decoder is inner:
+        return None, None
+    return decoder, head
+
+
+def _attention_mask_for(model: torch.nn.Module, mask: torch.Tensor) -> torch.Tensor:
+    """SDPA takes the boolean block mask as is; eager attention adds a float mask to the scores."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    implementation = getattr(inner.config, "_attn_implementation", "sdpa")
+    if implementation == "sdpa":
+        return mask
+    if implementation == "eager":
+        dtype = next(inner.parameters()).dtype
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    raise ValueError(
+        f"attention implementation '{implementation}' cannot take preftune's block mask: load the model with "
+        "attn_implementation='sdpa' (the default) or 'eager'"
+    )
+
+
+def unshared_sequence_logps(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    answers: Sequence[Sequence[Sequence[int]]],
+    *,
+    pad_id: int,
+) -> SequenceLogps:
+    """The plain computation: one right-padded sequence per (prompt, answer), full logits, log-softmax.
+
+    Same sequence order as `sequence_logps`. This is the baseline every fast path is tested
+    against and what a trainer without prompt sharing or packing does.
+    """
+    answers_per_example = len(answers[0])
+    sequences, prompt_lengths = [], []
+    for slot in range(answers_per_example):
+        for prompt, example_answers in zip(prompts, answers):
+            sequences.append(list(prompt) + list(example_answers[slot]))
+            prompt_lengths.append(len(prompt))
+    length = max(map(len, sequences))
+    device = next(model.parameters()).device
+    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long, device=device)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long, device=device)
+    labels_mask = torch.zeros((len(sequences), length), dtype=torch.bool, device=device)
+    for i, (sequence, prompt_length) in enumerate(zip(sequences, prompt_lengths)):
+        input_ids[i, : len(sequence)] = torch.tensor(sequence)
+        attention_mask[i, : len(sequence)] = 1
+        labels_mask[i, prompt_length : len(sequence)] = True
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    token_logps = F.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    scored = labels_mask[:, 1:]
+    return SequenceLogps((token_logps * scored).sum(-1), scored.sum(-1).to(token_logps.dtype))

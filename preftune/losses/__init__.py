@@ -1,0 +1,25 @@
+"""Preference losses: one pure function per module, and the registry the trainer looks them up in.
+
+Adding a loss = one module with a pure function and a `SPEC`, one line in `_SPECS`, tests.
+"""
+
+from __future__ import annotations
+
+from preftune.errors import ConfigError
+from preftune.losses import dpo
+from preftune.losses.base import Loss, LossOutput, LossSpec, PairLogps, reward_metrics
+
+_SPECS: list[LossSpec] = [dpo.SPEC]
+ALIASES = {"dpo": "sigmoid"}
+LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in _SPECS}
+
+
+def get_loss_spec(loss_type: str) -> LossSpec:
+    name = ALIASES.get(loss_type, loss_type)
+    if name not in LOSSES:
+        known = ", ".join(sorted([*LOSSES, *ALIASES]))
+        raise ConfigError(f"unknown loss_type '{loss_type}'; choose one of: {known}")
+    return LOSSES[name]
+
+
+__all__ = ["LOSSES", "ALIASES", "Loss", "LossOutput", "LossSpec", "PairLogps", "get_loss_spec", "reward_metrics"]

@@ -1,0 +1,36 @@
+"""Export the trained policy: the LoRA adapter, and a merged model any transformers user can load."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from preftune.atomic import atomic_directory
+from preftune.model.lora import is_lora
+
+
+def save_adapter(policy: torch.nn.Module, tokenizer, target: str | Path) -> Path:
+    """The adapter (adapter_model.safetensors + adapter_config.json), or the full weights when not LoRA."""
+    with atomic_directory(target) as staging:
+        policy.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+    return Path(target)
+
+
+def save_merged(policy: torch.nn.Module, tokenizer, target: str | Path) -> Path:
+    """A plain model folder (model.safetensors) loadable with `AutoModelForCausalLM.from_pretrained`.
+
+    LoRA weights are merged into a copy, so the live policy keeps its adapter.
+    """
+    merged = copy.deepcopy(policy).merge_and_unload() if is_lora(policy) else policy
+    training_use_cache = merged.config.use_cache
+    merged.config.use_cache = True  # the export is for generation
+    try:
+        with atomic_directory(target) as staging:
+            merged.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+    finally:
+        merged.config.use_cache = training_use_cache
+    return Path(target)

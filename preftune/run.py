@@ -1,0 +1,37 @@
+"""The Python API behind `preftune train`: config in, trained and reported run folder out."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from preftune.config import RunConfig
+from preftune.data.pipeline import prepare_pairs
+from preftune.eval.report import write_report
+from preftune.model.loading import load_model, load_tokenizer
+from preftune.model.lora import apply_lora
+from preftune.train.trainer import Trainer, TrainResult
+
+
+def build_trainer(config: RunConfig, *, console: Console | None = None) -> Trainer:
+    """Load tokenizer, data and model as the config says, and wire them into a Trainer."""
+    console = console or Console(stderr=True)
+    settings = config.model
+    tokenizer = load_tokenizer(settings.name_or_path, trust_remote_code=settings.trust_remote_code)
+    data = prepare_pairs(config.data, tokenizer, seed=config.training.seed)
+    console.print(data.summary())
+    model = load_model(settings.name_or_path, dtype=settings.dtype, trust_remote_code=settings.trust_remote_code)
+    if settings.lora is not None:
+        lora = settings.lora
+        model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
+    return Trainer(config, policy=model, tokenizer=tokenizer, data=data, console=console)
+
+
+def train(config: RunConfig, *, console: Console | None = None) -> TrainResult:
+    """Train, export and report; the run folder is `config.output_dir`."""
+    trainer = build_trainer(config, console=console)
+    result = trainer.train()
+    if trainer.accelerator.is_main_process:
+        report = write_report(trainer, result)
+        trainer.console.print(f"\n[bold green]done[/]: {report}")
+        trainer.console.print(report.read_text(encoding="utf-8"))
+    return result

@@ -1,0 +1,149 @@
+"""Checkpoints that resume exactly, written atomically, with no pickles.
+
+`checkpoints/step-N/` holds:
+- `trainable.safetensors`: the trainable parameters (the adapter with LoRA, all weights otherwise)
+- `optimizer.safetensors` + `optimizer.json`: optimiser tensors, and its param groups and scalars
+- `rng.safetensors`: torch CPU (and CUDA) generator states
+- `trainer_state.json`: step, epoch, data position, scheduler, Python RNG, controllers, config
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from preftune.atomic import atomic_directory
+from preftune.errors import CheckpointError
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(
+    target: Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+) -> Path:
+    optimizer_tensors, optimizer_meta = _flatten_optimizer(optimizer.state_dict())
+    with atomic_directory(target) as staging:
+        save_file(trainable_state(model), staging / "trainable.safetensors")
+        save_file(optimizer_tensors, staging / "optimizer.safetensors")
+        (staging / "optimizer.json").write_text(json.dumps(optimizer_meta), encoding="utf-8")
+        save_file(_rng_tensors(), staging / "rng.safetensors")
+        state = {**trainer_state, "python_rng": _python_rng_state(), "numpy_rng": _numpy_rng_state()}
+        (staging / "trainer_state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
+    return target
+
+
+def load_checkpoint(source: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore weights, optimiser and RNG in place; return the trainer state."""
+    required = ["trainable.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors", "trainer_state.json"]
+    missing = [name for name in required if not (source / name).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {source} is incomplete (missing {', '.join(missing)})")
+    weights = load_file(source / "trainable.safetensors")
+    expected = {name for name, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != expected:
+        raise CheckpointError(
+            f"checkpoint {source} does not match this model's trainable parameters "
+            f"({len(set(weights) ^ expected)} names differ): was it written with another model or LoRA setting?"
+        )
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            parameters[name].copy_(tensor)
+    meta = json.loads((source / "optimizer.json").read_text(encoding="utf-8"))
+    optimizer.load_state_dict(_unflatten_optimizer(load_file(source / "optimizer.safetensors"), meta))
+    _restore_rng(load_file(source / "rng.safetensors"))
+    state = json.loads((source / "trainer_state.json").read_text(encoding="utf-8"))
+    random.setstate(_tuplify(state.pop("python_rng")))
+    np.random.set_state(_numpy_from_json(state.pop("numpy_rng")))
+    return state
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    folder = run_dir / "checkpoints"
+    found = [p for p in folder.glob("step-*") if p.is_dir() and STEP_DIR.match(p.name)] if folder.is_dir() else []
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(run_dir: Path, keep: int | None) -> None:
+    if keep is None:
+        return
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for param_id, param_state in state_dict["state"].items():
+        for key, value in param_state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{param_id}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(param_id), {})[key] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, tensor in tensors.items():
+        param_id, key = name.split(".", 1)
+        state.setdefault(int(param_id), {})[key] = tensor
+    for param_id, values in meta["scalars"].items():
+        state.setdefault(int(param_id), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{index}"] = cuda_state
+    return tensors
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
+
+
+def _python_rng_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _tuplify(state: list) -> tuple:
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
+
+
+def _numpy_rng_state() -> list:
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return [name, keys.tolist(), int(position), int(has_gauss), float(cached)]
+
+
+def _numpy_from_json(state: list) -> tuple:
+    name, keys, position, has_gauss, cached = state
+    return (name, np.array(keys, dtype=np.uint32), position, has_gauss, cached)

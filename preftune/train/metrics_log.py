@@ -1,0 +1,60 @@
+"""Where a run's numbers go: metrics.jsonl (one JSON object per logged step), TensorBoard, alerts.jsonl."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    """Append-only JSONL (flushed per line, so a crash loses at most the line being written) + TensorBoard."""
+
+    def __init__(self, run_dir: Path, *, tensorboard: bool, jsonl: bool = True):
+        self.run_dir = run_dir
+        self._jsonl = (run_dir / "metrics.jsonl").open("a", encoding="utf-8") if jsonl else None
+        self._alerts = (run_dir / "alerts.jsonl").open("a", encoding="utf-8")
+        self._tensorboard = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        record = {"step": step, "time": round(time.time(), 3), **{k: _plain(v) for k, v in metrics.items()}}
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+        if self._tensorboard is not None:
+            for key, value in record.items():
+                if key not in ("step", "time") and isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tensorboard.add_scalar(key, value, step)
+
+    def alert(self, step: int, kind: str, message: str, **details: Any) -> dict[str, Any]:
+        record = {"step": step, "time": round(time.time(), 3), "kind": kind, "message": message, **details}
+        self._alerts.write(json.dumps(record) + "\n")
+        self._alerts.flush()
+        return record
+
+    def close(self) -> None:
+        for handle in (self._jsonl, self._alerts):
+            if handle is not None:
+                handle.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    return value
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
