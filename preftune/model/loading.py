@@ -61,12 +61,15 @@ def _converted_embedded_model(name: str) -> Path:
     source = Path(spec.origin).parent
     logger.info("converting %s/%s to safetensors in %s (once)", source.name, gguf_name, target)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_name, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(
+    dequantised = AutoModelForCausalLM.from_pretrained(
         source, gguf_file=gguf_name, dtype=torch.float32, local_files_only=True
     )
-    # The weights are dequantised now; a stale quantization_config would make the folder look like GGUF again.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    # The GGUF-loaded model refuses save_pretrained; copy its float32 weights into a plain model instead.
+    config = dequantised.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(dequantised.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
