@@ -51,10 +51,50 @@ class DataSettings(_Section):
     max_prompt_length: int | None = Field(None, ge=1, description="default: max_length // 2")
 
 
+class ConstraintSettings(_Section):
+    """CPO (constrained DPO): the margin constraint and its Lagrange multiplier λ; see docs/CPO.md."""
+
+    margin_threshold: float = Field(0.1, description="τ: required policy-minus-reference log-prob margin per pair")
+    temperature: float = Field(1.0, gt=0.0, description="τ is divided by this when temperature_scaled_threshold")
+    temperature_scaled_threshold: bool = True
+    length_normalize: bool = Field(True, description="margin from per-token mean log-probs (false: sums)")
+    mode: Literal["soft", "hard"] = Field(
+        "soft", description="what λ tracks: soft = mean relu(τ − margin), hard = fraction of pairs with margin < τ"
+    )
+    lagrangian_lr: float = Field(0.01, ge=0.0, description="dual step size η: λ += η · (violation − constraint_slack)")
+    initial_lambda: float = Field(0.0, ge=0.0)
+    lambda_max: float = Field(10.0, gt=0.0)
+    lambda_step_clip: float = Field(0.1, gt=0.0, description="largest change of λ in one step")
+    constraint_slack: float = Field(0.0, ge=0.0, description="violation tolerated before λ rises")
+    reset_lambda_each_epoch: bool = Field(True, description="λ back to initial_lambda at the start of every epoch")
+    violation_alert: float | None = Field(
+        0.05, ge=0.0, le=1.0, description="validation fraction of pairs with margin < τ that counts as too high; null = off"
+    )
+    patience: int = Field(3, ge=1, description="evaluations in a row above violation_alert before the LR is lowered")
+    lr_reduction: float = Field(0.2, gt=0.0, lt=1.0, description="fraction the learning rate is lowered by")
+
+    @model_validator(mode="after")
+    def _lambda_in_range(self) -> ConstraintSettings:
+        if self.initial_lambda > self.lambda_max:
+            raise ValueError(f"initial_lambda ({self.initial_lambda}) must not exceed lambda_max ({self.lambda_max})")
+        return self
+
+
+CONSTRAINED_LOSS = "cpo"
+
+
 class MethodSettings(_Section):
-    loss_type: str = Field("sigmoid", description="sigmoid (DPO); see `preftune losses`")
+    loss_type: str = Field(
+        "sigmoid",
+        description="sigmoid (DPO); cpo = CONSTRAINED DPO (alias constrained_dpo, see docs/CPO.md); "
+        "contrastive_cpo = TRL's contrastive CPO; see `preftune losses`",
+    )
     beta: float = Field(0.1, gt=0.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    cpo_alpha: float = Field(1.0, ge=0.0, description="contrastive_cpo only: weight of the NLL term (TRL's cpo_alpha)")
+    constraints: ConstraintSettings | None = Field(
+        None, description="loss_type cpo only (filled with defaults for it): margin constraint and Lagrange multiplier"
+    )
 
     @field_validator("loss_type")
     @classmethod
@@ -63,6 +103,28 @@ class MethodSettings(_Section):
 
         get_loss_spec(value)
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _constraints_default_for_cpo(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("constraints") is None and _is_constrained(data.get("loss_type")):
+            return {**data, "constraints": {}}
+        return data
+
+    @model_validator(mode="after")
+    def _constraints_only_for_cpo(self) -> MethodSettings:
+        if self.constraints is not None and not _is_constrained(self.loss_type):
+            raise ValueError(
+                f"method.constraints applies only to loss_type cpo (constrained DPO), not '{self.loss_type}': "
+                "remove the constraints section or set loss_type: cpo"
+            )
+        return self
+
+
+def _is_constrained(loss_type: Any) -> bool:
+    from preftune.losses import ALIASES
+
+    return isinstance(loss_type, str) and ALIASES.get(loss_type, loss_type) == CONSTRAINED_LOSS
 
 
 class TrainingSettings(_Section):
@@ -88,6 +150,20 @@ class TrainingSettings(_Section):
     report_to: list[Literal["jsonl", "tensorboard"]] = Field(default_factory=lambda: ["jsonl", "tensorboard"])
 
 
+class MonitoringSettings(_Section):
+    negative_margin_alert: float | None = Field(
+        None, ge=0.0, le=1.0, description="alert when the validation fraction of pairs with reward margin < 0 exceeds this"
+    )
+
+
+class NotYetAppliedSettings(_Section):
+    """Keys of the design template (`preference_training:`) that preftune validates and records, but does not act on yet."""
+
+    synthetic_ratio: float | None = Field(None, ge=0.0, le=1.0)
+    human_ratio: float | None = Field(None, ge=0.0, le=1.0)
+    kl_divergence_threshold: float | None = Field(None, gt=0.0)
+
+
 class RunConfig(_Section):
     output_dir: str = "runs/preftune"
     resume_from: str | None = Field(None, description="a checkpoint folder, or 'latest' in output_dir")
@@ -96,6 +172,10 @@ class RunConfig(_Section):
     data: DataSettings = Field(default_factory=DataSettings)
     method: MethodSettings = Field(default_factory=MethodSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
+    monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
+    not_yet_applied: NotYetAppliedSettings | None = Field(
+        None, description="recorded from the design template, NOT acted on by this version of preftune"
+    )
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> RunConfig:

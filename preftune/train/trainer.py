@@ -32,6 +32,7 @@ from preftune.model.reference import ReferenceModel
 from preftune.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from preftune.train.controllers import Controller
 from preftune.train.metrics_log import MetricsLog
+from preftune.train.monitors import monitoring_controllers
 
 if TYPE_CHECKING:
     from preftune.data.pipeline import PreparedData
@@ -83,7 +84,11 @@ class Trainer:
         self.reference = (
             ReferenceModel(self.policy, chunk_size=self.training.logprob_chunk_size) if self.spec.needs_reference else None
         )
-        self.controllers: list[Controller] = [*self.spec.controllers(self.loss, config.method), *controllers]
+        self.controllers: list[Controller] = [
+            *self.spec.controllers(self.loss, config.method),
+            *monitoring_controllers(config.monitoring),
+            *controllers,
+        ]
         self.trainable = [p for p in self.policy.parameters() if p.requires_grad]
         if not self.trainable:
             raise PreftuneError("the policy has no trainable parameters")
@@ -389,3 +394,5 @@ class Trainer:
         states = {c.name: c.state_dict() for c in self.controllers}
         if states:
             atomic_write_json(final / "controllers.json", states)
+        for controller in self.controllers:
+            controller.on_export(self, final)
