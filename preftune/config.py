@@ -92,6 +92,10 @@ class MethodSettings(_Section):
     beta: float = Field(0.1, gt=0.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
     cpo_alpha: float = Field(1.0, ge=0.0, description="contrastive_cpo only: weight of the NLL term (TRL's cpo_alpha)")
+    simpo_gamma: float = Field(0.5, description="simpo only: target margin γ in −log σ(β·Δavg − γ) (TRL's simpo_gamma)")
+    simpo_sft_weight: float = Field(0.0, ge=0.0, description="simpo only: weight of an SFT (NLL) term on the chosen answer")
+    desirable_weight: float = Field(1.0, gt=0.0, description="kto only: weight λ_D of desirable (label true) examples")
+    undesirable_weight: float = Field(1.0, gt=0.0, description="kto only: weight λ_U of undesirable (label false) examples")
     constraints: ConstraintSettings | None = Field(
         None, description="loss_type cpo only (filled with defaults for it): margin constraint and Lagrange multiplier"
     )

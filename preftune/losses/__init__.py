@@ -6,10 +6,12 @@ Adding a loss = one module with a pure function and a `SPEC`, one line in `_SPEC
 from __future__ import annotations
 
 from preftune.errors import ConfigError
-from preftune.losses import contrastive_cpo, cpo, dpo
+from preftune.losses import contrastive_cpo, cpo, dpo, hinge, ipo, orpo, robust, sft, simpo
 from preftune.losses.base import Loss, LossOutput, LossSpec, PairLogps, reward_metrics
 
-_SPECS: list[LossSpec] = [dpo.SPEC, cpo.SPEC, contrastive_cpo.SPEC]
+_SPECS: list[LossSpec] = [
+    dpo.SPEC, ipo.SPEC, hinge.SPEC, robust.SPEC, simpo.SPEC, orpo.SPEC, sft.SPEC, cpo.SPEC, contrastive_cpo.SPEC
+]
 # `cpo` is preftune's CONSTRAINED DPO; TRL's contrastive CPO is `contrastive_cpo` (docs/CPO.md).
 ALIASES = {"dpo": "sigmoid", "constrained_dpo": "cpo"}
 LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in _SPECS}

@@ -1,0 +1,49 @@
+"""Hinge loss on the DPO log-ratio margin (SLiC-HF, Zhao et al. 2023; TRL's `hinge`)."""
+
+from __future__ import annotations
+
+import torch
+
+from preftune.losses.base import LossOutput, LossSpec, PairLogps, reward_metrics
+
+
+def hinge_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    *,
+    beta: float,
+) -> LossOutput:
+    """Per-pair hinge loss from summed answer log-probs ([pairs] each).
+
+        h    = β · [(log πθ(c) − log πθ(r)) − (log πref(c) − log πref(r))]
+        loss = max(0, 1 − h)
+
+    Pairs whose scaled margin already exceeds 1 contribute no gradient; 1/β is the log-ratio
+    margin asked for. Implicit rewards: β (log πθ(c) − log πref(c)), likewise r.
+    """
+    logits = beta * ((policy_chosen - policy_rejected) - (reference_chosen - reference_rejected))
+    return LossOutput(
+        torch.relu(1.0 - logits),
+        reward_metrics(beta * (policy_chosen - reference_chosen), beta * (policy_rejected - reference_rejected)),
+    )
+
+
+class HingeLoss:
+    def __init__(self, method):
+        self.beta = method.beta
+
+    def __call__(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
+        assert reference is not None, "the hinge loss needs reference log-probs"
+        return hinge_loss(
+            policy.chosen.sum, policy.rejected.sum, reference.chosen.sum, reference.rejected.sum, beta=self.beta
+        )
+
+
+SPEC = LossSpec(
+    name="hinge",
+    build=HingeLoss,
+    needs_reference=True,
+    summary="SLiC hinge: max(0, 1 − β · policy/reference log-ratio margin)",
+)
