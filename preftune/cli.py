@@ -18,6 +18,8 @@ Quick start:
   preftune train                         # the embedded demo: DPO on SmolLM2-135M with real hh-rlhf pairs
   preftune train --config run.yaml       # your own run (see `preftune config` for every key)
   preftune train --config run.yaml --set method.beta=0.3 --set training.max_steps=100
+  preftune sweep --config run.yaml --param beta --values 0.05,0.1,0.3,0.5
+  preftune convert --to kto pairs.jsonl kto.jsonl   # paired data → unpaired {prompt, completion, label}
 
 A run folder holds config.yaml, metrics.jsonl, alerts.jsonl, tensorboard/, checkpoints/,
 final/adapter, final/merged and summary.md.
@@ -45,6 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arguments(config)
 
     commands.add_parser("losses", help="list the available loss_type values")
+
+    sweep = commands.add_parser(
+        "sweep", help="train the same short run once per value of one key; write a comparison table and plot"
+    )
+    _config_arguments(sweep)
+    sweep.add_argument("--param", required=True, help="a method key (beta) or a dotted key (training.learning_rate)")
+    sweep.add_argument("--values", required=True, help="comma-separated values, e.g. 0.05,0.1,0.3,0.5")
+
+    convert = commands.add_parser("convert", help="convert a paired preference file (prompt/chosen/rejected) to unpaired KTO records")
+    convert.add_argument("input", help="a JSONL/JSON/Parquet file of pairs, or an embedded dataset 'name:split'")
+    convert.add_argument("output", help="the JSONL file to write")
+    convert.add_argument("--to", required=True, choices=["kto"], help="target format")
+    convert.add_argument("--format", default="auto", choices=["auto", "pairs", "chat", "hh_rlhf"], help="input format")
+    convert.add_argument("--tokenizer", help="model name or folder whose chat template renders chat-format prompts")
     return parser
 
 
@@ -75,6 +91,24 @@ def main(argv: list[str] | None = None) -> int:
             from preftune.config import dump_config
 
             print(dump_config(_load(args)), end="")
+        elif args.command == "sweep":
+            from preftune.sweep import parse_values, run_sweep
+
+            result = run_sweep(_load(args), args.param, parse_values(args.values), console=console)
+            console.print(result.table.read_text(encoding="utf-8"))
+            console.print(f"[bold green]sweep done[/]: {result.table}, {result.csv}, {result.plot}")
+        elif args.command == "convert":
+            from preftune.data.kto import convert_to_kto
+            from preftune.data.pipeline import resolve_data_path
+
+            tokenizer = None
+            if args.tokenizer:
+                from preftune.model.loading import load_tokenizer
+
+                tokenizer = load_tokenizer(args.tokenizer)
+            written, report = convert_to_kto(resolve_data_path(args.input), args.output, format=args.format, tokenizer=tokenizer)
+            console.print(report.summary())
+            console.print(f"wrote {written} KTO records to {args.output}")
         elif args.command == "losses":
             from preftune.losses import ALIASES, LOSSES
 

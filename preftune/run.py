@@ -5,8 +5,9 @@ from __future__ import annotations
 from rich.console import Console
 
 from preftune.config import RunConfig
-from preftune.data.pipeline import prepare_pairs
+from preftune.data.pipeline import prepare_examples
 from preftune.eval.report import write_report
+from preftune.losses import get_loss_spec
 from preftune.model.loading import load_model, load_tokenizer
 from preftune.model.lora import apply_lora
 from preftune.train.trainer import Trainer, TrainResult
@@ -17,7 +18,8 @@ def build_trainer(config: RunConfig, *, console: Console | None = None) -> Train
     console = console or Console(stderr=True)
     settings = config.model
     tokenizer = load_tokenizer(settings.name_or_path, trust_remote_code=settings.trust_remote_code)
-    data = prepare_pairs(config.data, tokenizer, seed=config.training.seed)
+    paired = get_loss_spec(config.method.loss_type).paired
+    data = prepare_examples(config.data, tokenizer, seed=config.training.seed, paired=paired)
     console.print(data.summary())
     model = load_model(settings.name_or_path, dtype=settings.dtype, trust_remote_code=settings.trust_remote_code)
     if settings.lora is not None:

@@ -1,9 +1,9 @@
 """Collate tokenised examples into a packed, prompt-shared batch for the log-prob engine.
 
 Every example is one prompt followed by one or more answers (2 for a preference pair: chosen,
-rejected; 1 for KTO/SFT). The prompt is stored once; each answer is laid out after it with
-position ids that restart where the prompt ends, and a block attention mask lets each answer see
-the prompt and itself but never a sibling answer. Several examples share a row (first-fit
+rejected; 2 for KTO: the completion and another example's completion). The prompt is stored
+once; each answer is laid out after it with position ids that restart where the prompt ends,
+and a block attention mask lets each answer see the prompt and itself but never a sibling answer. Several examples share a row (first-fit
 decreasing into rows as long as the longest example), so short pairs do not pay for long ones.
 
 Layout of one example inside a row (P prompt tokens, answers A0, A1):
@@ -146,5 +146,22 @@ def collate_pairs(pairs: Sequence, *, pad_id: int) -> PackedBatch:
     return pack_examples(
         [pair.prompt_ids for pair in pairs],
         [(pair.chosen_ids, pair.rejected_ids) for pair in pairs],
+        pad_id=pad_id,
+    )
+
+
+def collate_unpaired(examples: Sequence, *, pad_id: int) -> PackedBatch:
+    """Pack unpaired examples (prompt_ids, completion_ids) for KTO: [0,E) completions, [E,2E) mismatched completions.
+
+    Example e's second answer is example (e − 1 mod E)'s completion under e's own prompt: the
+    mismatched prompt/completion pairs KTO estimates its KL baseline from. It shares e's prompt
+    in the row like a pair's rejected answer, so the mismatched forward costs only its answer
+    tokens. With one example the "mismatch" is its own completion.
+    """
+    completions = [example.completion_ids for example in examples]
+    shifted = completions[-1:] + completions[:-1]
+    return pack_examples(
+        [example.prompt_ids for example in examples],
+        [(completion, mismatched) for completion, mismatched in zip(completions, shifted)],
         pad_id=pad_id,
     )

@@ -1,4 +1,4 @@
-"""Validation: preference accuracy, reward margins and answer log-probs of the policy on held-out pairs."""
+"""Validation: preference accuracy, reward margins and answer log-probs of the policy on held-out examples."""
 
 from __future__ import annotations
 
@@ -6,35 +6,36 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from preftune.data.collate import collate_pairs
-from preftune.losses import Loss, PairLogps
+from preftune.losses import ExampleLayout, Loss
 from preftune.logprobs import SequenceLogps
 
 
 @torch.no_grad()
-def evaluate_pairs(
-    pairs: Sequence,
+def evaluate_examples(
+    examples: Sequence,
     *,
     loss: Loss,
+    layout: ExampleLayout,
     policy_logps: Callable[[object], SequenceLogps],
     reference_logps: Callable[[object], SequenceLogps] | None,
     batch_size: int,
     pad_id: int,
     device: torch.device,
 ) -> dict[str, torch.Tensor]:
-    """Per-pair results over `pairs` ([pairs] each): the loss's metrics plus `loss`, `logps/chosen`, `logps/rejected`.
+    """Per-example results ([examples] each): the loss's metrics plus `loss` and the answers' `logps/*`.
 
-    `logps/*` are per-token means, so they compare across answers of different lengths.
+    Examples are pairs or unpaired examples, as `layout` (the method's) packs them. `logps/*`
+    (`chosen`, `rejected` for pairs, `completion` for unpaired examples) are per-token means, so
+    they compare across answers of different lengths.
     """
     collected: dict[str, list[torch.Tensor]] = {}
-    for start in range(0, len(pairs), batch_size):
-        batch = collate_pairs(pairs[start : start + batch_size], pad_id=pad_id).to(device)
-        chosen, rejected = policy_logps(batch).by_answer(2)
-        reference = None
-        if reference_logps is not None:
-            reference = PairLogps(*reference_logps(batch).by_answer(2))
-        output = loss(PairLogps(chosen, rejected), reference)
-        values = {"loss": output.losses, "logps/chosen": chosen.mean, "logps/rejected": rejected.mean, **output.metrics}
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        batch = layout.collate(chunk, pad_id=pad_id).to(device)
+        policy = layout.split(policy_logps(batch), chunk)
+        reference = layout.split(reference_logps(batch), chunk) if reference_logps is not None else None
+        output = loss(policy, reference)
+        values = {"loss": output.losses, **policy.answer_logps(), **output.metrics}
         for key, value in values.items():
             collected.setdefault(key, []).append(value.detach().float().cpu())
     return {key: torch.cat(parts) for key, parts in collected.items()}

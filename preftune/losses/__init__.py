@@ -6,11 +6,11 @@ Adding a loss = one module with a pure function and a `SPEC`, one line in `_SPEC
 from __future__ import annotations
 
 from preftune.errors import ConfigError
-from preftune.losses import contrastive_cpo, cpo, dpo, hinge, ipo, orpo, robust, sft, simpo
-from preftune.losses.base import Loss, LossOutput, LossSpec, PairLogps, reward_metrics
+from preftune.losses import contrastive_cpo, cpo, dpo, hinge, ipo, kto, orpo, robust, sft, simpo
+from preftune.losses.base import ExampleLayout, Loss, LossOutput, LossSpec, PairLogps, UnpairedLogps, reward_metrics
 
 _SPECS: list[LossSpec] = [
-    dpo.SPEC, ipo.SPEC, hinge.SPEC, robust.SPEC, simpo.SPEC, orpo.SPEC, sft.SPEC, cpo.SPEC, contrastive_cpo.SPEC
+    dpo.SPEC, ipo.SPEC, hinge.SPEC, robust.SPEC, simpo.SPEC, orpo.SPEC, kto.SPEC, sft.SPEC, cpo.SPEC, contrastive_cpo.SPEC,
 ]
 # `cpo` is preftune's CONSTRAINED DPO; TRL's contrastive CPO is `contrastive_cpo` (docs/CPO.md).
 ALIASES = {"dpo": "sigmoid", "constrained_dpo": "cpo"}
@@ -25,4 +25,7 @@ def get_loss_spec(loss_type: str) -> LossSpec:
     return LOSSES[name]
 
 
-__all__ = ["LOSSES", "ALIASES", "Loss", "LossOutput", "LossSpec", "PairLogps", "get_loss_spec", "reward_metrics"]
+__all__ = [
+    "LOSSES", "ALIASES", "ExampleLayout", "Loss", "LossOutput", "LossSpec", "PairLogps", "UnpairedLogps", "get_loss_spec",
+    "reward_metrics",
+]

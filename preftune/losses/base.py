@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
+from preftune.data.collate import PackedBatch, collate_pairs, collate_unpaired
 from preftune.logprobs import SequenceLogps
 
 
@@ -20,6 +21,51 @@ class PairLogps:
 
     def detach(self) -> PairLogps:
         return PairLogps(self.chosen.detach(), self.rejected.detach())
+
+    def answer_logps(self) -> dict[str, torch.Tensor]:
+        """Per-token mean log-probs for evaluation ([pairs] each)."""
+        return {"logps/chosen": self.chosen.mean, "logps/rejected": self.rejected.mean}
+
+
+@dataclass
+class UnpairedLogps:
+    """Answer log-probs of one model for a batch of unpaired (KTO) examples ([examples] each).
+
+    `mismatched` scores another example's completion under this example's prompt (see
+    `collate_unpaired`); `desirable` is the example's label.
+    """
+
+    completion: SequenceLogps
+    mismatched: SequenceLogps
+    desirable: torch.Tensor  # [examples] bool
+
+    def detach(self) -> UnpairedLogps:
+        return UnpairedLogps(self.completion.detach(), self.mismatched.detach(), self.desirable)
+
+    def answer_logps(self) -> dict[str, torch.Tensor]:
+        return {"logps/completion": self.completion.mean}
+
+
+@dataclass(frozen=True)
+class ExampleLayout:
+    """How a method's examples are packed for the log-prob engine, and how its log-probs come back to the loss."""
+
+    collate: Callable[..., PackedBatch]  # (examples, *, pad_id) -> PackedBatch
+    split: Callable[[SequenceLogps, Sequence], PairLogps | UnpairedLogps]  # (engine output, examples) -> loss input
+
+
+def _pair_logps(logps: SequenceLogps, examples: Sequence) -> PairLogps:
+    return PairLogps(*logps.by_answer(2))
+
+
+def _unpaired_logps(logps: SequenceLogps, examples: Sequence) -> UnpairedLogps:
+    completion, mismatched = logps.by_answer(2)
+    desirable = torch.tensor([example.label for example in examples], dtype=torch.bool, device=completion.sum.device)
+    return UnpairedLogps(completion, mismatched, desirable)
+
+
+PAIRED = ExampleLayout(collate_pairs, _pair_logps)
+UNPAIRED = ExampleLayout(collate_unpaired, _unpaired_logps)
 
 
 @dataclass
@@ -35,7 +81,7 @@ class LossOutput:
 
 
 class Loss(Protocol):
-    def __call__(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput: ...
+    def __call__(self, policy: PairLogps | UnpairedLogps, reference: PairLogps | UnpairedLogps | None) -> LossOutput: ...
 
 
 @dataclass(frozen=True)
@@ -46,9 +92,15 @@ class LossSpec:
     build: Callable[[Any], Loss]  # method config -> loss callable
     needs_reference: bool
     summary: str
-    paired: bool = True
+    paired: bool = True  # False: unpaired {prompt, completion, label} examples (KTO); paired files are unpaired on load
+    # Examples each micro-batch needs at least (KTO estimates its KL baseline from the other examples).
+    min_batch_size: int = 1
     # Controllers the method brings (e.g. CPO's Lagrange multiplier), built around its loss.
     controllers: Callable[[Loss, Any], list] = lambda loss, method: []
+
+    @property
+    def layout(self) -> ExampleLayout:
+        return PAIRED if self.paired else UNPAIRED
 
 
 def reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, torch.Tensor]:

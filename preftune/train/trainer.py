@@ -22,11 +22,11 @@ from transformers import get_scheduler
 
 from preftune.atomic import atomic_write_json, atomic_write_text
 from preftune.config import RunConfig, dump_config
-from preftune.data.collate import PackedBatch, collate_pairs
-from preftune.errors import CheckpointError, PreftuneError
-from preftune.eval.evaluate import evaluate_pairs, summarize_evaluation
+from preftune.data.collate import PackedBatch
+from preftune.errors import CheckpointError, ConfigError, PreftuneError
+from preftune.eval.evaluate import evaluate_examples, summarize_evaluation
 from preftune.logprobs import SequenceLogps, sequence_logps
-from preftune.losses import LossOutput, PairLogps, get_loss_spec
+from preftune.losses import LossOutput, get_loss_spec
 from preftune.model.export import save_adapter, save_merged
 from preftune.model.reference import ReferenceModel
 from preftune.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
@@ -80,6 +80,12 @@ class Trainer:
         self.policy = policy.to(self.accelerator.device)
         self.policy.train()
         self.spec = get_loss_spec(config.method.loss_type)
+        if self.training.per_device_train_batch_size < self.spec.min_batch_size:
+            raise ConfigError(
+                f"loss_type {self.spec.name} needs training.per_device_train_batch_size >= {self.spec.min_batch_size} "
+                f"(got {self.training.per_device_train_batch_size})"
+            )
+        self.layout = self.spec.layout
         self.loss = self.spec.build(config.method)
         self.reference = (
             ReferenceModel(self.policy, chunk_size=self.training.logprob_chunk_size) if self.spec.needs_reference else None
@@ -147,10 +153,10 @@ class Trainer:
         with self.accelerator.autocast():
             return self.reference.logps(batch)
 
-    def micro_batch_loss(self, pairs: list) -> LossOutput:
-        batch = collate_pairs(pairs, pad_id=self.pad_id).to(self.accelerator.device)
-        reference = PairLogps(*self.reference_logps(batch).by_answer(2)) if self.reference is not None else None
-        policy = PairLogps(*self.policy_logps(batch).by_answer(2))
+    def micro_batch_loss(self, examples: list) -> LossOutput:
+        batch = self.layout.collate(examples, pad_id=self.pad_id).to(self.accelerator.device)
+        reference = self.layout.split(self.reference_logps(batch), examples) if self.reference is not None else None
+        policy = self.layout.split(self.policy_logps(batch), examples)
         return self.loss(policy, reference)
 
     # ---- one optimiser step -----------------------------------------------------------------
@@ -220,9 +226,10 @@ class Trainer:
         was_training = self.policy.training
         self.policy.eval()
         try:
-            local = evaluate_pairs(
+            local = evaluate_examples(
                 pairs[rank::world],
                 loss=self.loss,
+                layout=self.layout,
                 policy_logps=self.policy_logps,
                 reference_logps=self.reference_logps if self.reference is not None else None,
                 batch_size=self.training.per_device_eval_batch_size,
