@@ -6,6 +6,7 @@ are applied to the raw mapping before validation, so they are checked the same w
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -13,7 +14,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from preftune.config_template import TEMPLATE_KEY, is_template, translate_template
 from preftune.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 
 class _Section(BaseModel):
@@ -204,9 +208,25 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         raise ConfigError(f"{source}: not valid YAML: {error}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections (model, data, method, training)")
-    for override in overrides:
+    overrides = list(overrides)
+    # `--set preference_training.x.y=v` edits the design template before it is translated; the rest edit the result.
+    template_overrides = [o for o in overrides if o.strip().startswith(f"{TEMPLATE_KEY}.")]
+    for override in template_overrides:
         apply_override(raw, override)
+    if is_template(raw):
+        raw = _translate_template(raw, source=str(source))
+    for override in overrides:
+        if override not in template_overrides:
+            apply_override(raw, override)
     return validate_config(raw, source=str(source))
+
+
+def _translate_template(raw: dict[str, Any], *, source: str) -> dict[str, Any]:
+    translated, notes, warnings = translate_template(raw, source=source)
+    logger.warning("%s uses the `%s:` template; translated as:\n  %s", source, TEMPLATE_KEY, "\n  ".join(notes))
+    for warning in warnings:
+        logger.warning("%s: %s", source, warning)
+    return translated
 
 
 def validate_config(raw: dict[str, Any], *, source: str = "<config>") -> RunConfig:

@@ -1,0 +1,114 @@
+"""The design's `preference_training:` template: loads as written, maps every key, and trains with only paths changed."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import pytest
+
+from preftune.cli import main
+from preftune.config import load_config
+from preftune.errors import ConfigError
+from tests.support import save_tiny_model
+
+TEMPLATE = """\
+preference_training:
+  model: {base_model: "path/or/name", reference_model: null, freeze_reference: true}
+  optimization: {method: "cpo", learning_rate: 5e-7, batch_size: 32, gradient_accumulation_steps: 4, num_epochs: 3, warmup_ratio: 0.1}
+  constraints: {margin_threshold: 0.1, lagrangian_lr: 0.01, initial_lambda: 0.0, temperature: 1.0, length_normalize: true}
+  monitoring: {eval_steps: 100, validation_size: 500, alert_negative_margin_ratio: 0.15, alert_constraint_violation: 0.05, alert_patience: 3}
+  data: {synthetic_ratio: 0.7, human_ratio: 0.3, kl_divergence_threshold: 0.15, max_sequence_length: 2048}
+"""
+EMBEDDED_HH = Path(__file__).resolve().parents[1] / "preftune" / "datasets" / "hh-rlhf-harmless"
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "template.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_the_template_as_written_loads_and_maps_every_key(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="preftune.config"):
+        config = load_config(_write(tmp_path, TEMPLATE))
+    assert config.model.name_or_path == "path/or/name"
+    assert config.method.loss_type == "cpo"
+    training = config.training
+    assert (training.learning_rate, training.per_device_train_batch_size, training.gradient_accumulation_steps) == (5e-7, 32, 4)
+    assert (training.num_train_epochs, training.warmup_ratio, training.eval_steps) == (3, 0.1, 100)
+    constraints = config.method.constraints
+    assert (constraints.margin_threshold, constraints.lagrangian_lr, constraints.initial_lambda) == (0.1, 0.01, 0.0)
+    assert (constraints.temperature, constraints.length_normalize) == (1.0, True)
+    assert (constraints.violation_alert, constraints.patience) == (0.05, 3)
+    assert config.monitoring.negative_margin_alert == 0.15
+    assert (config.data.max_validation_samples, config.data.max_length) == (500, 2048)
+    recorded = config.not_yet_applied
+    assert (recorded.synthetic_ratio, recorded.human_ratio, recorded.kl_divergence_threshold) == (0.7, 0.3, 0.15)
+    log = caplog.text
+    assert "preference_training.optimization.batch_size → training.per_device_train_batch_size" in log
+    assert "preference_training.monitoring.validation_size → data.max_validation_samples" in log
+    for key in ("synthetic_ratio", "human_ratio", "kl_divergence_threshold"):
+        assert f"not_yet_applied.{key} but NOT applied" in log
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "named"),
+    [
+        ("margin_threshold: 0.1", "margin_treshold: 0.1", "preference_training.constraints.margin_treshold: unknown key"),
+        ("max_sequence_length: 2048", "max_seq_len: 2048", "preference_training.data.max_seq_len: unknown key"),
+        ("eval_steps: 100", "eval_every: 100", "preference_training.monitoring.eval_every: unknown key"),
+        ("  data: {", "  dataset: {", "preference_training.dataset: unknown section"),
+        ("reference_model: null", "reference_model: other/model", "preference_training.model.reference_model: 'other/model': preftune takes the reference from the base model"),
+        ("freeze_reference: true", "freeze_reference: false", "always frozen"),
+    ],
+)
+def test_unknown_or_unsupported_template_keys_are_errors_naming_the_key(tmp_path, old, new, named):
+    assert old in TEMPLATE
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        load_config(_write(tmp_path, TEMPLATE.replace(old, new)))
+
+
+def test_bad_template_values_are_errors_naming_the_translated_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"training\.learning_rate"):
+        load_config(_write(tmp_path, TEMPLATE.replace("learning_rate: 5e-7", "learning_rate: -1")))
+
+
+def test_overrides_reach_the_template_or_the_translated_config(tmp_path):
+    config = load_config(
+        _write(tmp_path, TEMPLATE),
+        ["preference_training.constraints.margin_threshold=0.3", "training.max_steps=7", "output_dir=elsewhere"],
+    )
+    assert config.method.constraints.margin_threshold == 0.3
+    assert config.training.max_steps == 7
+    assert config.output_dir == "elsewhere"
+
+
+def test_a_template_for_another_method_drops_the_constraints_with_a_warning(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="preftune.config"):
+        config = load_config(_write(tmp_path, TEMPLATE.replace('method: "cpo"', 'method: "dpo"')))
+    assert config.method.loss_type == "dpo" and config.method.constraints is None
+    assert "preference_training.constraints.margin_threshold ignored" in caplog.text
+
+
+def test_the_template_trains_with_only_the_model_and_data_paths_changed(tmp_path, monkeypatch):
+    model_dir = save_tiny_model(tmp_path / "tiny-model")
+    for split, pairs in (("train", 12), ("validation", 4)):
+        shortest = sorted((EMBEDDED_HH / f"{split}.jsonl").read_text(encoding="utf-8").splitlines(), key=len)[:pairs]
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(shortest) + "\n", encoding="utf-8")
+    text = TEMPLATE.replace('"path/or/name"', f'"{model_dir}"').replace(
+        "  data: {", f'  data: {{train_file: "{tmp_path / "train.jsonl"}", validation_file: "{tmp_path / "validation.jsonl"}", '
+    )
+    monkeypatch.chdir(tmp_path)  # the template names no output_dir: the run goes to ./runs/preftune
+
+    assert main(["train", "--config", str(_write(tmp_path, text))]) == 0
+
+    run = tmp_path / "runs" / "preftune"
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    # 12 pairs at batch 32 × accumulation 4: one optimiser step per epoch, three epochs.
+    assert max(record["step"] for record in steps) == 3
+    state = json.loads((run / "final" / "lagrangian_state.json").read_text())
+    assert [entry["step"] for entry in state["history"]] == [1, 2, 3]
+    assert "loss_type: cpo" in (run / "config.yaml").read_text()
