@@ -39,9 +39,6 @@ class UnpairedLogps:
     mismatched: SequenceLogps
     desirable: torch.Tensor  # [examples] bool
 
-    def detach(self) -> UnpairedLogps:
-        return UnpairedLogps(self.completion.detach(), self.mismatched.detach(), self.desirable)
-
     def answer_logps(self) -> dict[str, torch.Tensor]:
         return {"logps/completion": self.completion.mean}
 
