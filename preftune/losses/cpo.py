@@ -36,6 +36,9 @@ def constrained_dpo_loss(
 
     The trainer averages loss_i over the pairs of a step, so the step loss is
     DPO loss + λ · mean(hinge). λ enters as a Python float, so no gradient can reach it.
+    The penalty is the same in both `constraints.mode`s: each violating pair (m_i < τ) pays
+    λ · (τ − m_i), a satisfied pair nothing. The mode only sets what λ follows (lagrangian.py):
+    soft = mean(hinge), hard = the fraction of violating pairs.
 
     Metrics per pair: `constraint/margin` (m_i), `constraint/hinge` (hinge_i),
     `constraint/violated` (1 if m_i < τ), plus DPO's reward metrics.

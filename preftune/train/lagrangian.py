@@ -5,7 +5,9 @@
 η = `lagrangian_lr`; v = the step's constraint violation, averaged over every pair of the step:
 the mean hinge relu(τ − margin) in `soft` mode, the fraction of pairs with margin < τ in `hard`
 mode. λ rises while the constraint is violated more than `constraint_slack` and falls back
-toward 0 once it holds. The loss reads λ as a constant (no gradient reaches it).
+toward 0 once it holds. The loss reads λ as a constant (no gradient reaches it). In both modes the
+loss penalises each violating pair by λ·(τ − margin) (see preftune/losses/cpo.py); the mode only
+changes the quantity λ follows.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class LagrangianController(Controller):
         self.loss = loss
         self.settings = settings
         self.monitored = MONITORED_METRIC[settings.mode]
-        self.history: list[dict[str, float]] = []  # one entry per optimiser step: step, epoch, violation, lambda
+        self.history: list[dict[str, float]] = []  # one entry per optimiser step
         self._set(settings.initial_lambda)
 
     @property
@@ -60,9 +62,16 @@ class LagrangianController(Controller):
         # `metrics` are means over every pair of the step (all micro-batches and processes), so every
         # process takes the same step.
         violation = metrics[self.monitored]
-        self._set(dual_step(self.multiplier, violation, self.settings))
+        used = self.multiplier
+        self._set(dual_step(used, violation, self.settings))
         self.history.append(
-            {"step": trainer.state.global_step, "epoch": metrics["epoch"], "violation": violation, "lambda": self.multiplier}
+            {
+                "step": trainer.state.global_step,
+                "epoch": metrics["epoch"],
+                "violation": violation,
+                "lambda_used": used,  # λ the step's loss was computed with
+                "lambda": self.multiplier,  # λ after the dual step, used by the next step
+            }
         )
         return {"lagrangian/lambda": self.multiplier, "lagrangian/violation": violation}
 
