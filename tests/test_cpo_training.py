@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+from preftune.eval.report import write_report
 from preftune.run import build_trainer
 from preftune.train.lagrangian import dual_step
 from preftune.train.metrics_log import read_metrics
@@ -158,9 +159,13 @@ def test_resume_reproduces_lambda_its_history_the_lr_cuts_weights_and_metrics_ex
     assert exported[0] == exported[1]
 
 
-def test_the_final_lagrangian_state_is_exported_next_to_the_model(tmp_path, model_dir):
+def test_the_final_lagrangian_state_is_exported_next_to_the_model_and_reported(tmp_path, model_dir):
     trainer = _cpo_trainer(tmp_path, model_dir, constraints={"margin_threshold": UNREACHABLE, "temperature": 2.0})
-    trainer.train()
+    result = trainer.train()
+    summary = write_report(trainer, result).read_text()
+    history = _controller(trainer).history
+    assert f"λ: final {history[-1]['lambda']:.4g}, max {max(e['lambda'] for e in history):.4g}" in summary
+    assert "| pairs below the CPO margin threshold τ | 1.0000 | 1.0000 |" in summary
     state = json.loads((tmp_path / "run" / "final" / "lagrangian_state.json").read_text())
     assert (tmp_path / "run" / "final" / "adapter").is_dir()
     assert state["lambda"] == trainer.loss.lagrange_multiplier > 0

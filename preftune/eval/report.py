@@ -18,9 +18,24 @@ ROWS = [
     ("eval/rewards/accuracies", "preference accuracy", "higher"),
     ("eval/rewards/margins", "mean reward margin", "higher"),
     ("eval/negative_margin_fraction", "negative-margin fraction", "lower"),
+    ("eval/constraint/violated", "pairs below the CPO margin threshold τ", "lower"),
+    ("eval/constraint/margin", "mean CPO constraint margin", "higher"),
     ("eval/logps/chosen", "log p(chosen) per token", "higher"),
     ("eval/logps/rejected", "log p(rejected) per token", "lower"),
 ]
+# Rows that count pairs ranked by the implicit-reward margin: meaningless while every margin is 0.
+RANKING_ROWS = {"eval/rewards/accuracies", "eval/negative_margin_fraction"}
+
+
+def _all_margins_tied(per_pair: dict[str, torch.Tensor] | None) -> bool:
+    return per_pair is not None and "rewards/margins" in per_pair and bool((per_pair["rewards/margins"] == 0).all())
+
+
+def _throughput(train_metrics: list[dict]) -> float:
+    """Pairs per second of optimiser-step time, from each logged step's pairs and rate."""
+    steps = [m for m in train_metrics if m.get("pairs_per_second")]
+    seconds = sum(m["pairs"] / m["pairs_per_second"] for m in steps)
+    return sum(m["pairs"] for m in steps) / seconds if seconds else 0.0
 
 
 def plot_margin_histogram(before: torch.Tensor | None, after: torch.Tensor, path: Path) -> Path:
@@ -66,6 +81,25 @@ def plot_training_curves(metrics: list[dict], path: Path) -> Path | None:
     return path
 
 
+def _lagrangian_lines(trainer) -> list[str]:
+    """CPO only: where the Lagrange multiplier λ ended and how high it went."""
+    controller = next((c for c in trainer.controllers if c.name == "lagrangian"), None)
+    if controller is None or not controller.history:
+        return []
+    peak = max(controller.history, key=lambda entry: entry["lambda"])
+    settings = controller.settings
+    return [
+        "## CPO constraint (constrained DPO)",
+        "",
+        f"- τ = {trainer.loss.threshold:g} on the {'per-token mean' if settings.length_normalize else 'summed'} "
+        f"log-prob margin; λ follows the {'mean hinge' if settings.mode == 'soft' else 'fraction of pairs below τ'} ({settings.mode} mode)",
+        f"- λ: final {controller.multiplier:.4g}, max {peak['lambda']:.4g} (step {peak['step']}), "
+        f"last step's violation {controller.history[-1]['violation']:.4g}",
+        "- `final/lagrangian_state.json`: λ, its value after every step, and the constraint settings",
+        "",
+    ]
+
+
 def write_report(trainer, result) -> Path:
     """Write plots and `summary.md` into the run folder; return the summary's path."""
     run_dir = result.run_dir
@@ -85,11 +119,19 @@ def write_report(trainer, result) -> Path:
     if after is not None:
         lines += ["## Validation, before → after", "", "| metric | before | after | change | wanted |", "|---|---|---|---|---|"]
         verdicts = []
+        all_tied = _all_margins_tied(trainer.first_eval_per_pair)
         for key, label, wanted in ROWS:
             if key not in after:
                 continue
             start = before.get(key) if before else None
             end = after[key]
+            if key in RANKING_ROWS and all_tied:
+                # Before training the policy IS the reference: every implicit-reward margin is exactly 0,
+                # so "before" ranks nothing; judge the after against chance instead.
+                lines.append(f"| {label} | tie | {end:.4f} | | {wanted} than 0.5 |")
+                better = end > 0.5 if wanted == "higher" else end < 0.5
+                verdicts.append(f"- {'✓' if better else '✗'} {label} {end:.2f} (0.5 = chance; every pair was a tie before training)")
+                continue
             change = "" if start is None else f"{end - start:+.4f}"
             lines.append(f"| {label} | {'' if start is None else f'{start:.4f}'} | {end:.4f} | {change} | {wanted} |")
             if start is not None:
@@ -102,9 +144,10 @@ def write_report(trainer, result) -> Path:
             "## Training",
             "",
             f"- loss: first step {train_metrics[0]['loss']:.4f}, last step {train_metrics[-1]['loss']:.4f}",
-            f"- throughput: {sum(m.get('pairs_per_second', 0) for m in train_metrics) / len(train_metrics):.2f} pairs/s (mean over logged steps)",
+            f"- throughput: {_throughput(train_metrics):.2f} pairs/s (optimiser steps only; evaluation and checkpoints excluded)",
             "",
         ]
+    lines += _lagrangian_lines(trainer)
     lines += ["## Alerts", ""]
     lines += [f"- step {a['step']}: {a['kind']}: {a['message']}" for a in alerts] or ["- none"]
     plots = []
