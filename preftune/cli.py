@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 from rich.console import Console
 
@@ -23,6 +24,10 @@ Quick start:
 
 A run folder holds config.yaml, metrics.jsonl, alerts.jsonl, tensorboard/, checkpoints/,
 final/adapter, final/merged and summary.md.
+
+Name clash: `loss_type: cpo` (alias constrained_dpo) is CONSTRAINED DPO, a margin constraint
+enforced by a Lagrange multiplier (docs/CPO.md). TRL's CPO (Contrastive Preference Optimization,
+Xu et al. 2024) is `loss_type: contrastive_cpo`.
 """
 
 
@@ -78,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True)
     if not args.verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        # Weight-loading bars and library deprecation notices would bury preftune's own progress bar.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        warnings.filterwarnings("ignore", category=FutureWarning)
         logging.basicConfig(level=logging.WARNING)
     else:
         logging.basicConfig(level=logging.INFO)

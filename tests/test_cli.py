@@ -38,6 +38,8 @@ def test_train_command_writes_a_complete_run_folder(tmp_path, capsys):
     assert list((run_dir / "tensorboard").glob("events.*")) == []  # report_to: [jsonl] in the tiny config
     summary = (run_dir / "summary.md").read_text()
     assert "preference accuracy" in summary and "log p(rejected) per token" in summary
+    # A fresh LoRA adapter leaves policy == reference: every margin is 0 before training, which ranks nothing.
+    assert "| preference accuracy | tie |" in summary and "0.5 = chance" in summary
 
 
 def test_config_errors_name_the_key_and_exit_without_a_traceback(tmp_path, capsys):
