@@ -8,9 +8,19 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-HH_RLHF_DIR = REPO_ROOT.parent / "shared" / "data" / "hh-rlhf-harmless"
+# The copy preftune ships (byte-identical to the project's shared hh-rlhf data), so CI never lacks it.
+HH_RLHF_DIR = REPO_ROOT / "preftune" / "datasets" / "hh-rlhf-harmless"
 TOKENIZERS_DIR = Path(__file__).resolve().parent / "assets" / "tokenizers"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def isolated_preftune_cache(tmp_path_factory):
+    """Reference log-prob caches written by tests go to a fresh folder, never the user's cache."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("PREFTUNE_CACHE", str(tmp_path_factory.mktemp("preftune-cache")))
+    yield
+    patch.undo()
 
 
 def _hh_file(name: str) -> Path:
