@@ -128,6 +128,12 @@ class MethodSettings(_Section):
                 f"method.constraints applies only to loss_type cpo (constrained DPO), not '{self.loss_type}': "
                 "remove the constraints section or set loss_type: cpo"
             )
+        if _is_constrained(self.loss_type) and "cpo_alpha" in self.model_fields_set:
+            raise ValueError(
+                "cpo_alpha belongs to CONTRASTIVE CPO (TRL's CPO, Xu et al. 2024), which is loss_type contrastive_cpo; "
+                "preftune's loss_type cpo is CONSTRAINED DPO (docs/CPO.md) and has no NLL term: "
+                "set loss_type: contrastive_cpo, or remove cpo_alpha"
+            )
         return self
 
 

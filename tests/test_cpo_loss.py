@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from preftune.config import ConstraintSettings, validate_config
+from preftune.errors import ConfigError
 from preftune.logprobs import SequenceLogps
 from preftune.losses import PairLogps, get_loss_spec
 from preftune.losses.contrastive_cpo import contrastive_cpo_loss
@@ -129,3 +130,16 @@ def test_contrastive_cpo_ignores_any_reference_and_raises_the_chosen_likelihood(
     # -β σ(0) from the preference term, -α/|c| from the NLL: both push log πθ(c) up.
     assert policy.chosen.sum.grad.item() == pytest.approx(-0.05 - 1.0 / 5.0)
     assert policy.rejected.sum.grad.item() == pytest.approx(0.05)
+
+
+def test_a_trl_style_cpo_config_is_an_error_that_points_to_contrastive_cpo():
+    with pytest.raises(ConfigError, match="contrastive_cpo.*CONSTRAINED DPO"):
+        validate_config({"method": {"loss_type": "cpo", "cpo_alpha": 1.0}})
+    assert validate_config({"method": {"loss_type": "contrastive_cpo", "cpo_alpha": 0.5}}).method.cpo_alpha == 0.5
+
+
+def test_cli_help_tells_the_two_cpos_apart():
+    from preftune.cli import build_parser
+
+    help_text = build_parser().format_help()
+    assert "CONSTRAINED DPO" in help_text and "contrastive_cpo" in help_text and "Xu et al. 2024" in help_text
