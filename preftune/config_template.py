@@ -9,6 +9,7 @@ section they belong to (e.g. `data.train_file`, `optimization.max_steps`, `const
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from preftune.errors import ConfigError
@@ -66,7 +67,7 @@ def translate_template(raw: dict[str, Any], *, source: str) -> tuple[dict[str, A
 
     def put(path: str, value: Any, origin: str) -> None:
         _set_path(translated, path, value, origin=f"{where}.{origin}")
-        notes.append(f"{TEMPLATE_KEY}.{origin} → {path}")
+        notes.append(f"{TEMPLATE_KEY}.{origin} → {path} = {json.dumps(value, default=str)}")
 
     constrained = _method_is_constrained(template)
     for section, values in template.items():
@@ -80,7 +81,7 @@ def translate_template(raw: dict[str, Any], *, source: str) -> tuple[dict[str, A
             origin = f"{section}.{key}"
             if section == "model" and key in REFERENCE_KEYS:
                 _check_reference(key, value, f"{where}.{origin}")
-                notes.append(f"{TEMPLATE_KEY}.{origin}: {value!r} (the reference is the frozen base model)")
+                notes.append(f"{TEMPLATE_KEY}.{origin} = {json.dumps(value, default=str)}: as built in (the reference is the frozen base model)")
             elif key in NOT_YET_APPLIED.get(section, ()):
                 _set_path(translated, f"not_yet_applied.{key}", value, origin=f"{where}.{origin}")
                 warnings.append(
