@@ -163,6 +163,12 @@ class TrainingSettings(_Section):
     save_steps: int | None = Field(None, ge=1, description="checkpoint every N steps (and always at the end)")
     save_total_limit: int | None = Field(2, ge=1)
     logprob_chunk_size: int = Field(1024, ge=1, description="answer positions per vocabulary projection chunk")
+    reference_cache: bool = Field(
+        True,
+        description="keep reference log-probs on disk per example, keyed by the reference weights, tokens and precision; "
+        "the reference then runs once per example across epochs, runs and sweeps",
+    )
+    reference_cache_dir: str | None = Field(None, description="default: $PREFTUNE_CACHE/reference-logps")
     report_to: list[Literal["jsonl", "tensorboard"]] = Field(default_factory=lambda: ["jsonl", "tensorboard"])
 
 

@@ -26,6 +26,7 @@ from preftune.data.collate import PackedBatch
 from preftune.errors import CheckpointError, ConfigError, PreftuneError
 from preftune.eval.evaluate import evaluate_examples, summarize_evaluation
 from preftune.logprobs import SequenceLogps, sequence_logps
+from preftune.logprobs.cache import open_reference_cache
 from preftune.losses import LossOutput, get_loss_spec
 from preftune.model.export import save_adapter, save_merged
 from preftune.model.reference import ReferenceModel
@@ -90,6 +91,13 @@ class Trainer:
         self.reference = (
             ReferenceModel(self.policy, chunk_size=self.training.logprob_chunk_size) if self.spec.needs_reference else None
         )
+        self.reference_cache = (
+            open_reference_cache(
+                self.reference.model, root=self.training.reference_cache_dir, mixed_precision=self.training.mixed_precision
+            )
+            if self.reference is not None and self.training.reference_cache
+            else None
+        )
         self.controllers: list[Controller] = [
             *self.spec.controllers(self.loss, config.method),
             *monitoring_controllers(config.monitoring),
@@ -150,6 +158,11 @@ class Trainer:
             return sequence_logps(self.policy, batch, chunk_size=self.training.logprob_chunk_size)
 
     def reference_logps(self, batch: PackedBatch) -> SequenceLogps:
+        if self.reference_cache is not None:
+            return self.reference_cache.logps(batch, self._compute_reference_logps)
+        return self._compute_reference_logps(batch)
+
+    def _compute_reference_logps(self, batch: PackedBatch) -> SequenceLogps:
         with self.accelerator.autocast():
             return self.reference.logps(batch)
 
@@ -245,6 +258,8 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
+        if self.reference_cache is not None:
+            self.reference_cache.flush()
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return None
@@ -348,6 +363,8 @@ class Trainer:
         finally:
             if self.log is not None:
                 self.log.close()
+            if self.reference_cache is not None:
+                self.reference_cache.flush()
         return TrainResult(self.run_dir, self.state, first_eval, final_eval, train_seconds)
 
     def _train_one_step(self) -> dict[str, float]:
