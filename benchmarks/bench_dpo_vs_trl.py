@@ -1,0 +1,357 @@
+"""preftune vs TRL's DPOTrainer on the same DPO job, side by side, in one command.
+
+    python benchmarks/bench_dpo_vs_trl.py            # or: make bench
+    python benchmarks/bench_dpo_vs_trl.py --steps 6 --scaling-steps 3
+    python benchmarks/bench_dpo_vs_trl.py --no-scaling
+
+The job: SmolLM2-135M (preftune's embedded default), LoRA r=16 alpha=32 on q_proj/v_proj, the
+shipped hh-rlhf train split, batch 8, max length 512, DPO (sigmoid, beta 0.1), lr 5e-5 cosine,
+same seed. Both trainers get the *same tokens in the same order*: the pairs are tokenised once by
+preftune and handed to TRL pre-tokenised (its own tokenisation is bypassed, its sampler made
+sequential), so any difference in speed is the trainer's, not the data's.
+
+Runs, each in a fresh process (so peak RSS is its own):
+  trl-default     DPOTrainer with its defaults (reference every step, gradient checkpointing, bf16 autocast)
+  trl-fastest     the fastest TRL settings that work here: precompute_ref_log_probs, no gradient
+                  checkpointing, float32 (padding_free is disabled inside TRL 1.16, so it is not used)
+  preftune        reference computed every step (the reference cache starts empty and fills)
+  preftune-cached the same job again: reference log-probs come from the on-disk cache
+
+Steady-state pairs/s excludes the first step. Results are appended to benchmarks/results.md.
+TRL is a benchmark-only extra (`pip install -e '.[bench]'`), never a preftune dependency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULT_PREFIX = "BENCH-RESULT "
+MODEL = "smollm2-135m"
+LEARNING_RATE = 5e-5
+BETA = 0.1
+SEED = 42
+
+
+# ---- the job, shared by both trainers -------------------------------------------------------
+def preftune_config(output_dir: Path, *, batch_size: int, max_length: int, steps: int, cache_dir: Path, reference_cache: bool):
+    from preftune.config import validate_config
+
+    return validate_config(
+        {
+            "output_dir": str(output_dir),
+            "model": {"name_or_path": MODEL, "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}},
+            # Validation is not run by the benchmark; one pair keeps its loading cheap.
+            "data": {"train_file": "hh-rlhf-harmless:train", "max_validation_samples": 1, "max_length": max_length},
+            "method": {"loss_type": "sigmoid", "beta": BETA},
+            "training": {
+                "learning_rate": LEARNING_RATE,
+                "per_device_train_batch_size": batch_size,
+                "max_steps": steps,
+                "seed": SEED,
+                "eval_steps": None,
+                "report_to": ["jsonl"],
+                "reference_cache": reference_cache,
+                "reference_cache_dir": str(cache_dir),
+            },
+        }
+    )
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
+
+
+# ---- workers (one per process) --------------------------------------------------------------
+def run_preftune(args) -> dict:
+    from preftune.run import build_trainer
+
+    config = preftune_config(
+        Path(args.workdir) / "preftune", batch_size=args.batch_size, max_length=args.max_length, steps=args.steps,
+        cache_dir=Path(args.cache_dir), reference_cache=True,
+    )
+    trainer = build_trainer(config)
+    step_seconds, losses, tokens = [], [], []
+    for step in range(args.steps):
+        micro_batches = trainer.step_micro_batches(epoch=0, step_in_epoch=step)
+        started = time.perf_counter()
+        metrics = trainer.optimizer_step(micro_batches)
+        step_seconds.append(time.perf_counter() - started)
+        losses.append(metrics["loss"])
+    trainer.reference_cache.flush()
+    return {
+        "step_seconds": step_seconds,
+        "losses": losses,
+        "reference_cache_hits": trainer.reference_cache.hits,
+        "reference_cache_misses": trainer.reference_cache.misses,
+    }
+
+
+def run_trl(args, *, fastest: bool) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from torch.utils.data import SequentialSampler
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from preftune.model.loading import load_model, load_tokenizer, resolve_model_path
+    from preftune.run import build_trainer
+
+    # The same pairs in the same order as preftune's run: take them from a preftune trainer's data order.
+    config = preftune_config(
+        Path(args.workdir) / "order", batch_size=args.batch_size, max_length=args.max_length, steps=args.steps,
+        cache_dir=Path(args.cache_dir), reference_cache=False,
+    )
+    reference_trainer = build_trainer(config)
+    order = [i for step in range(args.steps) for batch in reference_trainer.step_micro_batches(0, step) for i in batch]
+    pairs = [reference_trainer.data.train[i] for i in order]
+    warmup_steps = round(config.training.warmup_ratio * args.steps)
+    del reference_trainer
+    dataset = Dataset.from_dict(
+        {
+            "prompt_ids": [p.prompt_ids for p in pairs],
+            "chosen_ids": [p.chosen_ids for p in pairs],
+            "rejected_ids": [p.rejected_ids for p in pairs],
+        }
+    )
+
+    class SameTokensDPOTrainer(DPOTrainer):
+        """TRL's DPOTrainer fed preftune's tokens in preftune's order; everything else is TRL's own."""
+
+        def _prepare_dataset(self, dataset, *unused, **unused_kwargs):
+            return dataset
+
+        def _get_train_sampler(self, *unused, **unused_kwargs):
+            return SequentialSampler(self.train_dataset)
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.step_seconds, self.losses, self._started = [], [], None
+
+        def on_step_begin(self, *unused, **unused_kwargs):
+            self._started = time.perf_counter()
+
+        def on_step_end(self, *unused, **unused_kwargs):
+            self.step_seconds.append(time.perf_counter() - self._started)
+
+        def on_log(self, _args, _state, _control, logs=None, **unused):
+            if logs and "loss" in logs:
+                self.losses.append(logs["loss"])
+
+    tokenizer = load_tokenizer(MODEL)
+    model = load_model(MODEL)
+    settings = dict(
+        output_dir=str(Path(args.workdir) / "trl"),
+        per_device_train_batch_size=args.batch_size,
+        max_steps=args.steps,
+        max_length=args.max_length,
+        learning_rate=LEARNING_RATE,
+        lr_scheduler_type="cosine",
+        warmup_steps=warmup_steps,
+        beta=BETA,
+        seed=SEED,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+    )
+    if fastest:
+        settings.update(precompute_ref_log_probs=True, gradient_checkpointing=False, bf16=False)
+    timer = StepTimer()
+    trainer = SameTokensDPOTrainer(
+        model=model,
+        args=DPOConfig(**settings),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+        callbacks=[timer],
+    )
+    setup_seconds = time.perf_counter() - args.started
+    trainer.train()
+    return {
+        "step_seconds": timer.step_seconds,
+        "losses": timer.losses,
+        "setup_seconds": setup_seconds,
+        "model_path": str(resolve_model_path(MODEL)),
+        "trl_args": {k: v for k, v in settings.items() if k not in ("output_dir",)},
+    }
+
+
+def worker(args) -> None:
+    args.started = time.perf_counter()
+    if args.worker == "preftune":
+        result = run_preftune(args)
+    else:
+        result = run_trl(args, fastest=args.worker == "trl-fastest")
+    result["peak_rss_gb"] = peak_rss_gb()
+    result["wall_seconds"] = time.perf_counter() - args.started
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+# ---- the driver -----------------------------------------------------------------------------
+def launch(name: str, worker_kind: str, *, batch_size: int, max_length: int, steps: int, cache_dir: Path) -> dict:
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as workdir:
+        command = [
+            sys.executable, __file__, "--worker", worker_kind, "--batch-size", str(batch_size), "--max-length",
+            str(max_length), "--steps", str(steps), "--cache-dir", str(cache_dir), "--workdir", workdir,
+        ]
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: batch {batch_size}, max length {max_length}, {steps} steps", flush=True)
+        completed = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    lines = [line for line in completed.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if completed.returncode != 0 or not lines:
+        sys.stderr.write(completed.stderr[-6000:])
+        raise SystemExit(f"{name} failed (exit {completed.returncode})")
+    result = json.loads(lines[-1][len(RESULT_PREFIX) :])
+    measured = result["step_seconds"][1:] or result["step_seconds"]
+    result.update(name=name, batch_size=batch_size, max_length=max_length, steps=steps)
+    result["pairs_per_second"] = batch_size * len(measured) / sum(measured)
+    result["seconds_per_step"] = sum(measured) / len(measured)
+    print(
+        f"    {result['pairs_per_second']:.3f} pairs/s, {result['seconds_per_step']:.1f} s/step, peak RSS "
+        f"{result['peak_rss_gb']:.2f} GB, losses {[round(x, 4) for x in result['losses']]}",
+        flush=True,
+    )
+    return result
+
+
+def machine_details() -> dict:
+    import torch
+    import transformers
+    import trl
+
+    import preftune
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
+    memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gb": round(memory_gb, 1),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "preftune": preftune.__version__,
+    }
+
+
+def fmt_row(result: dict, baseline: dict | None, fastest: dict | None) -> str:
+    ratio = lambda other: f"{result['pairs_per_second'] / other['pairs_per_second']:.2f}×" if other else "–"
+    rss_ratio = f"{result['peak_rss_gb'] / baseline['peak_rss_gb']:.2f}×" if baseline else "–"
+    losses = result["losses"]
+    return (
+        f"| {result['name']} | {result['pairs_per_second']:.3f} | {result['seconds_per_step']:.1f} | "
+        f"{result['peak_rss_gb']:.2f} | {losses[0]:.6f} | {losses[-1]:.6f} | {ratio(baseline)} | {ratio(fastest)} | {rss_ratio} |"
+    )
+
+
+def report(main_runs: list[dict], scaling: list[dict], details: dict, args, load: tuple[float, float]) -> str:
+    by_name = {r["name"]: r for r in main_runs}
+    default, fastest = by_name.get("trl-default"), by_name.get("trl-fastest")
+    lines = [
+        f"## Run of {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        "",
+        "Machine: " + ", ".join(f"{k} {v}" for k, v in details.items()),
+        f"Load average (1 min) before / after: {load[0]:.2f} / {load[1]:.2f} "
+        f"(above {details['cores']} means other work shared the cores during the run).",
+        "",
+        f"Job: {MODEL}, LoRA r=16 alpha=32 on q_proj/v_proj, hh-rlhf-harmless train split, DPO beta {BETA}, "
+        f"lr {LEARNING_RATE} cosine, seed {SEED}; batch {args.batch_size}, max length {args.max_length}, "
+        f"{args.steps} steps (pairs/s over steps 2..{args.steps}). Same tokens, same order for every run.",
+        "",
+        "| run | pairs/s | s/step | peak RSS GB | first loss | last loss | pairs/s ÷ TRL-default | pairs/s ÷ TRL-fastest | RSS ÷ TRL-default |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *(fmt_row(r, default, fastest) for r in main_runs),
+        "",
+        "Losses per step:",
+        "",
+        *(f"- {r['name']}: {', '.join(f'{x:.6f}' for x in r['losses'])}" for r in main_runs),
+    ]
+    if default and "preftune" in by_name:
+        first_gap = abs(by_name["preftune"]["losses"][0] - default["losses"][0])
+        lines += ["", f"First loss, preftune vs TRL-default: |Δ| = {first_gap:.2e}."]
+    if scaling:
+        lines += [
+            "",
+            f"Scaling ({args.scaling_steps} steps each, first excluded, except batch {args.batch_size} / max length "
+            f"{args.max_length}: the main runs above; reference computed every step in both):",
+            "",
+            "| run | batch | max length | pairs/s | s/step | peak RSS GB | preftune ÷ TRL pairs/s | preftune ÷ TRL RSS |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        trl_by_shape = {(r["batch_size"], r["max_length"]): r for r in scaling if r["name"] == "trl-default"}
+        for r in scaling:
+            other = trl_by_shape.get((r["batch_size"], r["max_length"])) if r["name"] == "preftune" else None
+            speed = f"{r['pairs_per_second'] / other['pairs_per_second']:.2f}×" if other else "–"
+            rss = f"{r['peak_rss_gb'] / other['peak_rss_gb']:.2f}×" if other else "–"
+            lines.append(
+                f"| {r['name']} | {r['batch_size']} | {r['max_length']} | {r['pairs_per_second']:.3f} | "
+                f"{r['seconds_per_step']:.1f} | {r['peak_rss_gb']:.2f} | {speed} | {rss} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=4, help="optimiser steps per main run (the first is excluded)")
+    parser.add_argument("--scaling-steps", type=int, default=3, help="steps per run of the scaling grid")
+    parser.add_argument("--no-scaling", action="store_true", help="skip the max-length / batch-size grid")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--results", type=Path, default=HERE / "results.md")
+    parser.add_argument("--worker", choices=["preftune", "trl-default", "trl-fastest"], help=argparse.SUPPRESS)
+    parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    if args.steps < 2 or args.scaling_steps < 2:
+        parser.error("--steps and --scaling-steps need at least 2 (the first step is excluded)")
+
+    details = machine_details()
+    load_before = os.getloadavg()[0]
+    shape = dict(batch_size=args.batch_size, max_length=args.max_length)
+    main_runs = []
+    with tempfile.TemporaryDirectory(prefix="bench-reference-cache-") as cache_dir:
+        main_runs.append(launch("trl-default", "trl-default", **shape, steps=args.steps, cache_dir=Path(cache_dir)))
+        main_runs.append(launch("trl-fastest", "trl-fastest", **shape, steps=args.steps, cache_dir=Path(cache_dir)))
+        main_runs.append(launch("preftune", "preftune", **shape, steps=args.steps, cache_dir=Path(cache_dir)))
+        main_runs.append(launch("preftune-cached", "preftune", **shape, steps=args.steps, cache_dir=Path(cache_dir)))
+    scaling = []
+    if not args.no_scaling:
+        # The main shape is already measured above; the grid adds the others.
+        scaling = [r for r in main_runs if r["name"] in ("preftune", "trl-default")]
+        grid = [(args.batch_size, n) for n in (256, 1024)] + [(b, args.max_length) for b in (4, 16)]
+        for batch_size, max_length in grid:
+            for name in ("preftune", "trl-default"):
+                with tempfile.TemporaryDirectory(prefix="bench-reference-cache-") as cache_dir:
+                    scaling.append(
+                        launch(name, name, batch_size=batch_size, max_length=max_length, steps=args.scaling_steps, cache_dir=Path(cache_dir))
+                    )
+    text = report(main_runs, scaling, details, args, (load_before, os.getloadavg()[0]))
+    print("\n" + text)
+    with args.results.open("a", encoding="utf-8") as handle:
+        handle.write("\n" + text)
+    raw = args.results.with_suffix(".jsonl")
+    with raw.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"details": details, "main": main_runs, "scaling": scaling}) + "\n")
+    print(f"appended to {args.results} (raw numbers: {raw})")
+
+
+if __name__ == "__main__":
+    main()
