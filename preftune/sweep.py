@@ -38,7 +38,7 @@ COLUMNS = [
     ("logps_gap", "log-prob gap (chosen − rejected, per token)"),
     ("eval/loss", "validation loss"),
     ("eval/negative_margin_fraction", "negative-margin fraction"),
-    ("train_seconds", "train seconds"),
+    ("run_seconds", "run seconds (load, train, evaluate)"),
 ]
 
 
@@ -110,7 +110,7 @@ def run_sweep(config: RunConfig, param: str, values: list[Any], *, console: Cons
         metrics = dict(result.final_eval or {})
         if "eval/logps/chosen" in metrics and "eval/logps/rejected" in metrics:
             metrics["logps_gap"] = metrics["eval/logps/chosen"] - metrics["eval/logps/rejected"]
-        metrics["train_seconds"] = time.perf_counter() - started
+        metrics["run_seconds"] = time.perf_counter() - started
         rows.append(SweepRow(value, result.run_dir, metrics))
     recommended = recommend(rows)
     out = Path(config.output_dir)
@@ -183,8 +183,8 @@ def plot_sweep(param: str, rows: list[SweepRow], recommended: SweepRow, path: Pa
         axis.set_ylabel(label)
         if numeric and all(v > 0 for v in positions) and max(positions) / min(positions) >= 10:
             axis.set_xscale("log")
-        if not numeric:
-            axis.set_xticks(positions, [str(row.value) for row in rows])
+        axis.set_xticks(positions, [str(row.value) for row in rows])
+        axis.minorticks_off()
     figure.tight_layout()
     staging = path.with_name(f".{path.name}.tmp.png")
     figure.savefig(staging, dpi=110)
