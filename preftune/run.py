@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import torch
+from accelerate import PartialState
+from accelerate.utils import set_seed
 from rich.console import Console
 
 from preftune.config import RunConfig
@@ -20,10 +23,13 @@ def build_trainer(config: RunConfig, *, console: Console | None = None) -> Train
     tokenizer = load_tokenizer(settings.name_or_path, trust_remote_code=settings.trust_remote_code)
     paired = get_loss_spec(config.method.loss_type).paired
     data = prepare_examples(config.data, tokenizer, seed=config.training.seed, paired=paired)
-    console.print(data.summary())
+    if PartialState(cpu=not torch.cuda.is_available()).is_main_process:
+        console.print(data.summary())
     model = load_model(settings.name_or_path, dtype=settings.dtype, trust_remote_code=settings.trust_remote_code)
     if settings.lora is not None:
         lora = settings.lora
+        # The adapter's random init must be the same in every process and every run of this config.
+        set_seed(config.training.seed)
         model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
     return Trainer(config, policy=model, tokenizer=tokenizer, data=data, console=console)
 
