@@ -68,7 +68,7 @@ def load_pairs(
         raise ConfigError(f"max_samples must be at least 1, got {max_samples}")
     report = LoadReport(path=str(path), format=format)
     if format == "chat":
-        _require_chat_template(tokenizer, report.path)
+        require_chat_template(tokenizer, report.path)
 
     pairs: list[PreferencePair] = []
     for record in read_records(path):
@@ -77,12 +77,12 @@ def load_pairs(
             if report.format == "auto":
                 report.format = detect_format(record.value)
                 if report.format == "chat":
-                    _require_chat_template(tokenizer, report.path)
-            prompt, chosen, rejected = _PARSERS[report.format](_require_object(record.value), tokenizer)
+                    require_chat_template(tokenizer, report.path)
+            prompt, chosen, rejected = _PARSERS[report.format](require_object(record.value), tokenizer)
             _check_answers(chosen, rejected)
         except SkipRecord as skip:
             if not skip_invalid:
-                raise _as_error(record, skip) from None
+                raise skip_as_error(record, skip) from None
             report.add_skip(skip.reason, record.source)
             continue
         pairs.append(PreferencePair(prompt, chosen, rejected, record.source))
@@ -97,18 +97,18 @@ def load_pairs(
 
 def detect_format(value: Any) -> str:
     """The format a record is written in, judged from its `chosen` field (and whether it has `prompt`)."""
-    chosen = _field(_require_object(value), "chosen", (str, list))
+    chosen = required_field(require_object(value), "chosen", (str, list))
     if isinstance(chosen, list):
         return "chat"
     return "pairs" if "prompt" in value else "hh_rlhf"
 
 
 def _parse_pairs(value: dict[str, Any], tokenizer) -> tuple[str, str, str]:
-    return _field(value, "prompt", str), _field(value, "chosen", str), _field(value, "rejected", str)
+    return required_field(value, "prompt", str), required_field(value, "chosen", str), required_field(value, "rejected", str)
 
 
 def _parse_hh_rlhf(value: dict[str, Any], tokenizer) -> tuple[str, str, str]:
-    chosen, rejected = _field(value, "chosen", str), _field(value, "rejected", str)
+    chosen, rejected = required_field(value, "chosen", str), required_field(value, "rejected", str)
     # The prompt is the longest shared prefix that ends at the final assistant marker of *both*.
     cut = chosen.rfind(HH_ASSISTANT_MARKER)
     if cut < 0 or rejected.rfind(HH_ASSISTANT_MARKER) != cut or chosen[:cut] != rejected[:cut]:
@@ -121,8 +121,8 @@ def _parse_hh_rlhf(value: dict[str, Any], tokenizer) -> tuple[str, str, str]:
 
 
 def _parse_chat(value: dict[str, Any], tokenizer) -> tuple[str, str, str]:
-    shared = _messages(value, "prompt") if value.get("prompt") is not None else []
-    conversations = {name: shared + _messages(value, name) for name in ("chosen", "rejected")}
+    shared = message_list(value, "prompt") if value.get("prompt") is not None else []
+    conversations = {name: shared + message_list(value, name) for name in ("chosen", "rejected")}
     for name, conversation in conversations.items():
         if not conversation or conversation[-1]["role"] != "assistant":
             raise SkipRecord("no_assistant_answer", "the conversation does not end with an assistant message", name)
@@ -152,13 +152,13 @@ def _check_answers(chosen: str, rejected: str) -> None:
         raise SkipRecord("identical_answers", "chosen and rejected answers are identical: nothing to prefer")
 
 
-def _require_object(value: Any) -> dict[str, Any]:
+def require_object(value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise SkipRecord("wrong_type", f"a record must be a JSON object, got {type(value).__name__}")
     return value
 
 
-def _field(value: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+def required_field(value: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
     if value.get(name) is None:  # null counts as missing: Parquet fills absent columns with null
         raise SkipRecord("missing_field", "missing field", name)
     if not isinstance(value[name], kind):
@@ -167,15 +167,15 @@ def _field(value: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> A
     return value[name]
 
 
-def _messages(value: dict[str, Any], name: str) -> list[dict[str, Any]]:
-    messages = _field(value, name, list)
+def message_list(value: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    messages = required_field(value, name, list)
     for message in messages:
         if not (isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):
             raise SkipRecord("wrong_type", "expected a list of {role, content} messages with string content", name)
     return messages
 
 
-def _require_chat_template(tokenizer, path: str) -> None:
+def require_chat_template(tokenizer, path: str) -> None:
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise DataError(
             "chat-format records (message lists) need a tokenizer with a chat template to render the prompt: "
@@ -185,5 +185,5 @@ def _require_chat_template(tokenizer, path: str) -> None:
         )
 
 
-def _as_error(record: RawRecord, skip: SkipRecord) -> DataError:
+def skip_as_error(record: RawRecord, skip: SkipRecord) -> DataError:
     return record.error(f"{skip.message} [{skip.reason}]", field=skip.field)

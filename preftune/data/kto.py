@@ -26,10 +26,10 @@ from typing import Any
 from jinja2.exceptions import TemplateError
 
 from preftune.atomic import atomic_write_text
-from preftune.data.formats import SkipRecord, _as_error, _field, _messages, _require_chat_template, _require_object, load_pairs
+from preftune.data.formats import SkipRecord, skip_as_error, required_field, message_list, require_chat_template, require_object, load_pairs
 from preftune.data.readers import read_records
 from preftune.data.records import LoadReport, PreferencePair
-from preftune.data.tokenize import _BoundaryTokenizer
+from preftune.data.tokenize import BoundaryTokenizer
 from preftune.errors import ConfigError, DataError, PreftuneError
 
 UNPAIRED_FORMAT = "kto"
@@ -97,10 +97,10 @@ def load_unpaired_records(
     for record in read_records(path):
         report.read += 1
         try:
-            prompt, completion, label = _parse_unpaired(_require_object(record.value), tokenizer, report.path)
+            prompt, completion, label = _parse_unpaired(require_object(record.value), tokenizer, report.path)
         except SkipRecord as skip:
             if not skip_invalid:
-                raise _as_error(record, skip) from None
+                raise skip_as_error(record, skip) from None
             report.add_skip(skip.reason, record.source)
             continue
         examples.append(UnpairedExample(prompt, completion, label, record.source))
@@ -130,9 +130,9 @@ def _parse_unpaired(value: dict[str, Any], tokenizer, path: str) -> tuple[str, s
     if not isinstance(label, bool):
         raise SkipRecord("wrong_type", f"expected true or false, got {type(label).__name__}", "label")
     if isinstance(value.get("completion"), list):
-        _require_chat_template(tokenizer, path)
-        prompt_messages = _messages(value, "prompt")
-        completion = _messages(value, "completion")
+        require_chat_template(tokenizer, path)
+        prompt_messages = message_list(value, "prompt")
+        completion = message_list(value, "completion")
         if len(completion) != 1 or completion[0]["role"] != "assistant":
             raise SkipRecord("no_assistant_answer", "the completion must be one assistant message", "completion")
         try:
@@ -141,7 +141,7 @@ def _parse_unpaired(value: dict[str, Any], tokenizer, path: str) -> tuple[str, s
             raise SkipRecord("template_error", f"the chat template rejected the messages: {error}") from None
         text = completion[0]["content"]
     else:
-        prompt, text = _field(value, "prompt", str), _field(value, "completion", str)
+        prompt, text = required_field(value, "prompt", str), required_field(value, "completion", str)
     if not text.strip():
         raise SkipRecord("empty_answer", "the completion is empty", "completion")
     return prompt, text, label
@@ -156,7 +156,7 @@ def tokenize_unpaired(
         raise ConfigError(
             f"need 1 <= max_prompt_length < max_length to leave room for answers, got {max_prompt_length} and {max_length}"
         )
-    boundary = _BoundaryTokenizer(tokenizer)
+    boundary = BoundaryTokenizer(tokenizer)
     report = UnpairedTokenizationReport()
     tokenized: list[TokenizedUnpaired] = []
     for example in examples:

@@ -68,7 +68,7 @@ def tokenize_pairs(
         raise ConfigError(
             f"need 1 <= max_prompt_length < max_length to leave room for answers, got {max_prompt_length} and {max_length}"
         )
-    boundary = _BoundaryTokenizer(tokenizer)
+    boundary = BoundaryTokenizer(tokenizer)
     report = TokenizationReport()
     tokenized: list[TokenizedPair] = []
     for pair in pairs:
@@ -102,12 +102,12 @@ def tokenize_pairs(
 
 def tokenize_answer_boundary(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
     """(prompt ids with the tokenizer's leading specials, answer ids ending with one EOS); no truncation."""
-    boundary = _BoundaryTokenizer(tokenizer)
+    boundary = BoundaryTokenizer(tokenizer)
     prompt_ids, prompt_body = boundary.prompt_ids(prompt)
     return prompt_ids, boundary.answer_ids(prompt, prompt_body, answer)
 
 
-class _BoundaryTokenizer:
+class BoundaryTokenizer:
     """The per-tokenizer facts the boundary needs (EOS, leading special ids), worked out once."""
 
     def __init__(self, tokenizer):
