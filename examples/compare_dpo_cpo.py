@@ -1,6 +1,6 @@
 """DPO vs CPO (constrained DPO) on the same budget: validation preference accuracy and negative-margin fraction over steps.
 
-    python examples/compare_dpo_cpo.py                       # the measured setting in docs/CPO.md (~25 min on 2 busy CPU cores)
+    python examples/compare_dpo_cpo.py                       # the measured setting in docs/CPO.md (41 min on 2 busy CPU cores)
     python examples/compare_dpo_cpo.py --train-pairs 512     # a longer run
     python examples/compare_dpo_cpo.py --reuse               # only redo the table and plot from existing run folders
 
