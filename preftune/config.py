@@ -71,7 +71,9 @@ class ConstraintSettings(_Section):
     initial_lambda: float = Field(0.0, ge=0.0)
     lambda_max: float = Field(10.0, gt=0.0)
     lambda_step_clip: float = Field(0.1, gt=0.0, description="largest change of λ in one step")
-    constraint_slack: float = Field(0.0, ge=0.0, description="violation tolerated before λ rises")
+    constraint_slack: float = Field(
+        0.01, ge=0.0, description="violation tolerated before λ rises; below it λ falls back toward 0"
+    )
     reset_lambda_each_epoch: bool = Field(True, description="λ back to initial_lambda at the start of every epoch")
     violation_alert: float | None = Field(
         0.05, ge=0.0, le=1.0, description="validation fraction of pairs with margin < τ that counts as too high; null = off"
