@@ -109,3 +109,38 @@ def reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor)
         "rewards/margins": chosen_rewards - rejected_rewards,
         "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
     }
+
+
+def implicit_reward_metrics(
+    beta: float,
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """`reward_metrics` of the DPO-style implicit rewards β (log πθ(y) − log πref(y))."""
+    return reward_metrics(beta * (policy_chosen - reference_chosen), beta * (policy_rejected - reference_rejected))
+
+
+@dataclass(frozen=True)
+class ReferenceRatioLoss:
+    """Adapts a pure loss of (policy c, policy r, reference c, reference r) log-probs to the `Loss` protocol.
+
+    `statistic` picks summed ("sum") or per-token mean ("mean") answer log-probs; `options` are the
+    loss function's keyword arguments, taken from the method config by the loss's SPEC.
+    """
+
+    function: Callable[..., LossOutput]
+    statistic: str
+    options: dict[str, Any]
+
+    def __call__(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
+        if reference is None:
+            raise ValueError(f"{self.function.__name__} needs reference log-probs")
+        return self.function(
+            getattr(policy.chosen, self.statistic),
+            getattr(policy.rejected, self.statistic),
+            getattr(reference.chosen, self.statistic),
+            getattr(reference.rejected, self.statistic),
+            **self.options,
+        )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from preftune.losses.base import LossOutput, LossSpec, PairLogps, reward_metrics
+from preftune.losses.base import LossOutput, LossSpec, ReferenceRatioLoss, implicit_reward_metrics
 
 
 def dpo_loss(
@@ -31,30 +31,15 @@ def dpo_loss(
     losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
     return LossOutput(
         losses,
-        reward_metrics(beta * (policy_chosen - reference_chosen), beta * (policy_rejected - reference_rejected)),
+        implicit_reward_metrics(beta, policy_chosen, policy_rejected, reference_chosen, reference_rejected),
     )
-
-
-class DPOLoss:
-    def __init__(self, method):
-        self.beta = method.beta
-        self.label_smoothing = method.label_smoothing
-
-    def __call__(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
-        assert reference is not None, "DPO needs reference log-probs"
-        return dpo_loss(
-            policy.chosen.sum,
-            policy.rejected.sum,
-            reference.chosen.sum,
-            reference.rejected.sum,
-            beta=self.beta,
-            label_smoothing=self.label_smoothing,
-        )
 
 
 SPEC = LossSpec(
     name="sigmoid",
-    build=DPOLoss,
+    build=lambda method: ReferenceRatioLoss(
+        dpo_loss, "sum", {"beta": method.beta, "label_smoothing": method.label_smoothing}
+    ),
     needs_reference=True,
     summary="DPO: -log σ(β · policy/reference log-ratio margin); label_smoothing for noisy labels",
 )

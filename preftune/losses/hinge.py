@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from preftune.losses.base import LossOutput, LossSpec, PairLogps, reward_metrics
+from preftune.losses.base import LossOutput, LossSpec, ReferenceRatioLoss, implicit_reward_metrics
 
 
 def hinge_loss(
@@ -26,24 +26,13 @@ def hinge_loss(
     logits = beta * ((policy_chosen - policy_rejected) - (reference_chosen - reference_rejected))
     return LossOutput(
         torch.relu(1.0 - logits),
-        reward_metrics(beta * (policy_chosen - reference_chosen), beta * (policy_rejected - reference_rejected)),
+        implicit_reward_metrics(beta, policy_chosen, policy_rejected, reference_chosen, reference_rejected),
     )
-
-
-class HingeLoss:
-    def __init__(self, method):
-        self.beta = method.beta
-
-    def __call__(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
-        assert reference is not None, "the hinge loss needs reference log-probs"
-        return hinge_loss(
-            policy.chosen.sum, policy.rejected.sum, reference.chosen.sum, reference.rejected.sum, beta=self.beta
-        )
 
 
 SPEC = LossSpec(
     name="hinge",
-    build=HingeLoss,
+    build=lambda method: ReferenceRatioLoss(hinge_loss, "sum", {"beta": method.beta}),
     needs_reference=True,
     summary="SLiC hinge: max(0, 1 − β · policy/reference log-ratio margin)",
 )

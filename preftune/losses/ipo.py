@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from preftune.losses.base import LossOutput, LossSpec, PairLogps, reward_metrics
+from preftune.losses.base import LossOutput, LossSpec, ReferenceRatioLoss, implicit_reward_metrics
 
 
 def ipo_loss(
@@ -28,24 +28,13 @@ def ipo_loss(
     losses = (margin - 1.0 / (2.0 * beta)) ** 2
     return LossOutput(
         losses,
-        reward_metrics(beta * (policy_chosen - reference_chosen), beta * (policy_rejected - reference_rejected)),
+        implicit_reward_metrics(beta, policy_chosen, policy_rejected, reference_chosen, reference_rejected),
     )
-
-
-class IPOLoss:
-    def __init__(self, method):
-        self.beta = method.beta
-
-    def __call__(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
-        assert reference is not None, "IPO needs reference log-probs"
-        return ipo_loss(
-            policy.chosen.mean, policy.rejected.mean, reference.chosen.mean, reference.rejected.mean, beta=self.beta
-        )
 
 
 SPEC = LossSpec(
     name="ipo",
-    build=IPOLoss,
+    build=lambda method: ReferenceRatioLoss(ipo_loss, "mean", {"beta": method.beta}),
     needs_reference=True,
     summary="IPO: (per-token log-ratio margin − 1/(2β))²; bounded, for near-deterministic preferences",
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from preftune.losses.base import LossOutput, LossSpec, PairLogps, reward_metrics
+from preftune.losses.base import LossOutput, LossSpec, ReferenceRatioLoss, implicit_reward_metrics
 
 
 def robust_dpo_loss(
@@ -35,30 +35,15 @@ def robust_dpo_loss(
     )
     return LossOutput(
         losses,
-        reward_metrics(beta * (policy_chosen - reference_chosen), beta * (policy_rejected - reference_rejected)),
+        implicit_reward_metrics(beta, policy_chosen, policy_rejected, reference_chosen, reference_rejected),
     )
-
-
-class RobustDPOLoss:
-    def __init__(self, method):
-        self.beta = method.beta
-        self.label_smoothing = method.label_smoothing
-
-    def __call__(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
-        assert reference is not None, "robust DPO needs reference log-probs"
-        return robust_dpo_loss(
-            policy.chosen.sum,
-            policy.rejected.sum,
-            reference.chosen.sum,
-            reference.rejected.sum,
-            beta=self.beta,
-            label_smoothing=self.label_smoothing,
-        )
 
 
 SPEC = LossSpec(
     name="robust",
-    build=RobustDPOLoss,
+    build=lambda method: ReferenceRatioLoss(
+        robust_dpo_loss, "sum", {"beta": method.beta, "label_smoothing": method.label_smoothing}
+    ),
     needs_reference=True,
     summary="robust DPO for noisy labels: unbiased under a label flip rate ε = label_smoothing",
 )
