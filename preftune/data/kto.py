@@ -29,8 +29,8 @@ from preftune.atomic import atomic_write_text
 from preftune.data.formats import SkipRecord, skip_as_error, required_field, message_list, require_chat_template, require_object, load_pairs
 from preftune.data.readers import read_records
 from preftune.data.records import LoadReport, PreferencePair
-from preftune.data.tokenize import BoundaryTokenizer
-from preftune.errors import ConfigError, DataError, PreftuneError
+from preftune.data.tokenize import BoundaryTokenizer, prompt_budget
+from preftune.errors import DataError
 
 UNPAIRED_FORMAT = "kto"
 
@@ -151,24 +151,12 @@ def tokenize_unpaired(
     examples: list[UnpairedExample], tokenizer, *, max_length: int, max_prompt_length: int | None = None
 ) -> tuple[list[TokenizedUnpaired], UnpairedTokenizationReport]:
     """Tokenise with the same prompt/answer boundary and over-long policy as pairs (`preftune.data.tokenize`)."""
-    max_prompt_length = max_length // 2 if max_prompt_length is None else max_prompt_length
-    if not 1 <= max_prompt_length < max_length:
-        raise ConfigError(
-            f"need 1 <= max_prompt_length < max_length to leave room for answers, got {max_prompt_length} and {max_length}"
-        )
+    max_prompt_length = prompt_budget(max_length, max_prompt_length)
     boundary = BoundaryTokenizer(tokenizer)
     report = UnpairedTokenizationReport()
     tokenized: list[TokenizedUnpaired] = []
     for example in examples:
-        try:
-            prompt_ids, prompt_body = boundary.prompt_ids(example.prompt)
-            completion_ids = boundary.answer_ids(example.prompt, prompt_body, example.completion)
-        except PreftuneError as error:
-            raise PreftuneError(f"{example.source}: {error}") from None
-        if not prompt_ids:
-            raise PreftuneError(
-                f"{example.source}: the prompt is empty and the tokenizer adds no BOS, so nothing predicts the first answer token"
-            )
+        prompt_ids, (completion_ids,) = boundary.example_ids(example.source, example.prompt, [example.completion])
         if len(prompt_ids) > max_prompt_length:
             prompt_ids = boundary.keep_prompt_end(prompt_ids, max_prompt_length)
             report.prompt_truncated += 1

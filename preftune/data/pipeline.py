@@ -74,41 +74,34 @@ def prepare_examples(data_settings, tokenizer, *, seed: int, paired: bool) -> Pr
 
 def prepare_unpaired(data_settings, tokenizer, *, seed: int) -> PreparedData:
     """Like `prepare_pairs`, for unpaired (KTO) training; `max_*_samples` count records of the file (pairs or examples)."""
-    load = dict(format=data_settings.format, tokenizer=tokenizer, skip_invalid=data_settings.skip_invalid)
-    train_items, train_report = load_pairs_or_unpaired(resolve_data_path(data_settings.train_file), **load)
-    reports = [train_report]
-    if data_settings.validation_file is None:
-        train_items, validation_items = split_train_validation(train_items, data_settings.validation_split, seed)
-    else:
-        validation_items, validation_report = load_pairs_or_unpaired(resolve_data_path(data_settings.validation_file), **load)
-        reports.append(validation_report)
-    train_items = train_items[: data_settings.max_train_samples]
-    validation_items = validation_items[: data_settings.max_validation_samples]
 
-    tokenize = dict(max_length=data_settings.max_length, max_prompt_length=data_settings.max_prompt_length)
-    train, train_tokens = tokenize_unpaired(as_unpaired(train_items), tokenizer, **tokenize)
-    validation, validation_tokens = tokenize_unpaired(as_unpaired(validation_items), tokenizer, **tokenize)
-    if not train:
-        raise DataError(f"no usable training examples in {data_settings.train_file}: {train_report.summary()}")
-    return PreparedData(train, validation, reports, {"train": train_tokens, "validation": validation_tokens})
+    def tokenize(items, tokenizer, **lengths):
+        return tokenize_unpaired(as_unpaired(items), tokenizer, **lengths)
+
+    return _prepare(data_settings, tokenizer, seed=seed, load=load_pairs_or_unpaired, tokenize=tokenize, unit="examples")
 
 
 def prepare_pairs(data_settings, tokenizer, *, seed: int) -> PreparedData:
     """Load, validate, split and tokenise the train and validation pairs a run config names."""
-    load = dict(format=data_settings.format, tokenizer=tokenizer, skip_invalid=data_settings.skip_invalid)
-    train_pairs, train_report = load_pairs(resolve_data_path(data_settings.train_file), **load)
+    return _prepare(data_settings, tokenizer, seed=seed, load=load_pairs, tokenize=tokenize_pairs, unit="pairs")
+
+
+def _prepare(data_settings, tokenizer, *, seed: int, load, tokenize, unit: str) -> PreparedData:
+    """load → split (or a validation file) → cap the counts → tokenise, with one report per file and split."""
+    options = dict(format=data_settings.format, tokenizer=tokenizer, skip_invalid=data_settings.skip_invalid)
+    train_items, train_report = load(resolve_data_path(data_settings.train_file), **options)
     reports = [train_report]
     if data_settings.validation_file is None:
-        train_pairs, validation_pairs = split_train_validation(train_pairs, data_settings.validation_split, seed)
+        train_items, validation_items = split_train_validation(train_items, data_settings.validation_split, seed)
     else:
-        validation_pairs, validation_report = load_pairs(resolve_data_path(data_settings.validation_file), **load)
+        validation_items, validation_report = load(resolve_data_path(data_settings.validation_file), **options)
         reports.append(validation_report)
-    train_pairs = train_pairs[: data_settings.max_train_samples]
-    validation_pairs = validation_pairs[: data_settings.max_validation_samples]
+    train_items = train_items[: data_settings.max_train_samples]
+    validation_items = validation_items[: data_settings.max_validation_samples]
 
-    tokenize = dict(max_length=data_settings.max_length, max_prompt_length=data_settings.max_prompt_length)
-    train, train_tokens = tokenize_pairs(train_pairs, tokenizer, **tokenize)
-    validation, validation_tokens = tokenize_pairs(validation_pairs, tokenizer, **tokenize)
+    lengths = dict(max_length=data_settings.max_length, max_prompt_length=data_settings.max_prompt_length)
+    train, train_tokens = tokenize(train_items, tokenizer, **lengths)
+    validation, validation_tokens = tokenize(validation_items, tokenizer, **lengths)
     if not train:
-        raise DataError(f"no usable training pairs in {data_settings.train_file}: {train_report.summary()}")
+        raise DataError(f"no usable training {unit} in {data_settings.train_file}: {train_report.summary()}")
     return PreparedData(train, validation, reports, {"train": train_tokens, "validation": validation_tokens})

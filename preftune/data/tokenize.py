@@ -63,25 +63,12 @@ def tokenize_pairs(
     Every kept pair has `len(prompt_ids) + len(answer_ids) <= max_length` for both answers and a
     non-empty prompt and answers.
     """
-    max_prompt_length = max_length // 2 if max_prompt_length is None else max_prompt_length
-    if not 1 <= max_prompt_length < max_length:
-        raise ConfigError(
-            f"need 1 <= max_prompt_length < max_length to leave room for answers, got {max_prompt_length} and {max_length}"
-        )
+    max_prompt_length = prompt_budget(max_length, max_prompt_length)
     boundary = BoundaryTokenizer(tokenizer)
     report = TokenizationReport()
     tokenized: list[TokenizedPair] = []
     for pair in pairs:
-        try:
-            prompt_ids, prompt_body = boundary.prompt_ids(pair.prompt)
-            chosen_ids = boundary.answer_ids(pair.prompt, prompt_body, pair.chosen)
-            rejected_ids = boundary.answer_ids(pair.prompt, prompt_body, pair.rejected)
-        except PreftuneError as error:
-            raise PreftuneError(f"{pair.source}: {error}") from None
-        if not prompt_ids:
-            raise PreftuneError(
-                f"{pair.source}: the prompt is empty and the tokenizer adds no BOS, so nothing predicts the first answer token"
-            )
+        prompt_ids, (chosen_ids, rejected_ids) = boundary.example_ids(pair.source, pair.prompt, [pair.chosen, pair.rejected])
 
         prompt_truncated = len(prompt_ids) > max_prompt_length
         if prompt_truncated:
@@ -98,6 +85,16 @@ def tokenize_pairs(
         tokenized.append(TokenizedPair(prompt_ids, chosen_ids, rejected_ids, pair.source))
     report.kept = len(tokenized)
     return tokenized, report
+
+
+def prompt_budget(max_length: int, max_prompt_length: int | None) -> int:
+    """The prompt's token budget: `max_prompt_length`, by default half of `max_length`, leaving room for answers."""
+    max_prompt_length = max_length // 2 if max_prompt_length is None else max_prompt_length
+    if not 1 <= max_prompt_length < max_length:
+        raise ConfigError(
+            f"need 1 <= max_prompt_length < max_length to leave room for answers, got {max_prompt_length} and {max_length}"
+        )
+    return max_prompt_length
 
 
 def tokenize_answer_boundary(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
@@ -143,6 +140,19 @@ class BoundaryTokenizer:
         specials = self.leading_special_ids
         already_there = body[: len(specials)] == specials  # e.g. a chat template that writes the BOS itself
         return (body if already_there else specials + body), body
+
+    def example_ids(self, source: str, prompt: str, answers: list[str]) -> tuple[list[int], list[list[int]]]:
+        """(prompt ids, each answer's ids) of one example; errors name the example's file and line."""
+        try:
+            prompt_ids, prompt_body = self.prompt_ids(prompt)
+            answer_ids = [self.answer_ids(prompt, prompt_body, answer) for answer in answers]
+        except PreftuneError as error:
+            raise PreftuneError(f"{source}: {error}") from None
+        if not prompt_ids:
+            raise PreftuneError(
+                f"{source}: the prompt is empty and the tokenizer adds no BOS, so nothing predicts the first answer token"
+            )
+        return prompt_ids, answer_ids
 
     def keep_prompt_end(self, prompt_ids: list[int], length: int) -> list[int]:
         """The leading specials (BOS), then as many of the prompt's last tokens as fit in `length`."""
