@@ -59,4 +59,4 @@ def test_config_command_prints_the_resolved_default():
     out = subprocess.run([sys.executable, "-m", "preftune.cli", "config"], capture_output=True, text=True, check=True).stdout
     resolved = yaml.safe_load(out)
     assert resolved["model"]["name_or_path"] == "smollm2-135m"
-    assert resolved["method"]["loss_type"] == "sigmoid"
+    assert resolved["method"]["loss_type"] == "cpo" and resolved["method"]["constraints"]["margin_threshold"] == 0.5
