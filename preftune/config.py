@@ -165,6 +165,9 @@ class TrainingSettings(_Section):
     save_steps: int | None = Field(None, ge=1, description="checkpoint every N steps (and always at the end)")
     save_total_limit: int | None = Field(2, ge=1)
     logprob_chunk_size: int = Field(1024, ge=1, description="answer positions per vocabulary projection chunk")
+    gradient_checkpointing: bool = Field(
+        True, description="recompute decoder-layer activations in backward instead of storing them: ~25% more time, a fraction of the memory"
+    )
     reference_cache: bool = Field(
         True,
         description="keep reference log-probs on disk per example, keyed by the reference weights, tokens and precision; "

@@ -66,27 +66,52 @@ def test_overfitting_a_small_set_lowers_the_loss_and_raises_preference_accuracy(
     )
 
 
-def _gradients_of_first_step(tmp_path, model_dir, batch_size: int, accumulation: int) -> list[torch.Tensor]:
+def _gradients_of_first_step(
+    tmp_path, model_dir, batch_size: int, accumulation: int, *, lora=None, **training
+) -> tuple[list[torch.Tensor], int]:
+    """The gradients of the first optimiser step, and the bytes autograd saved for backward during it."""
     config = tiny_run_config(
-        tmp_path / f"run-{batch_size}x{accumulation}",
+        tmp_path / f"run-{batch_size}x{accumulation}-{len(list(tmp_path.iterdir()))}",
         model_dir,
-        model={"name_or_path": str(model_dir), "lora": None},
-        training={"per_device_train_batch_size": batch_size, "gradient_accumulation_steps": accumulation, "max_grad_norm": None},
+        model={"name_or_path": str(model_dir), "lora": lora},
+        training={
+            "per_device_train_batch_size": batch_size,
+            "gradient_accumulation_steps": accumulation,
+            "max_grad_norm": None,
+            **training,
+        },
     )
     trainer = build_trainer(config)
     captured = []
     trainer.optimizer.step = lambda: captured.extend(p.grad.clone() for p in trainer.trainable)
-    trainer.optimizer_step(trainer.step_micro_batches(epoch=0, step_in_epoch=0))
-    return captured
+    saved_bytes = []  # what autograd keeps for backward during the step
+
+    def keep(tensor):
+        saved_bytes.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        trainer.optimizer_step(trainer.step_micro_batches(epoch=0, step_in_epoch=0))
+    return captured, sum(saved_bytes)
 
 
 def test_gradient_accumulation_is_invariant(tmp_path, model_dir):
-    one_big = _gradients_of_first_step(tmp_path, model_dir, batch_size=4, accumulation=1)
-    four_small = _gradients_of_first_step(tmp_path, model_dir, batch_size=1, accumulation=4)
+    one_big, _ = _gradients_of_first_step(tmp_path, model_dir, batch_size=4, accumulation=1)
+    four_small, _ = _gradients_of_first_step(tmp_path, model_dir, batch_size=1, accumulation=4)
     assert len(one_big) == len(four_small) > 0
     for big, small in zip(one_big, four_small):
         torch.testing.assert_close(small, big, rtol=1e-5, atol=1e-7)
     assert any(g.abs().sum() > 0 for g in one_big)
+
+
+@pytest.mark.parametrize("lora", [None, {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}], ids=["full", "lora"])
+def test_gradient_checkpointing_gives_the_stored_activation_gradients(tmp_path, model_dir, lora):
+    stored, stored_bytes = _gradients_of_first_step(tmp_path, model_dir, 4, 1, lora=lora, gradient_checkpointing=False)
+    recomputed, recomputed_bytes = _gradients_of_first_step(tmp_path, model_dir, 4, 1, lora=lora, gradient_checkpointing=True)
+    assert recomputed_bytes < 0.5 * stored_bytes  # the decoder layers' activations were not kept
+    assert len(stored) == len(recomputed) > 0 and any(g.abs().sum() > 0 for g in stored)
+    for plain, checkpointed in zip(stored, recomputed):
+        torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)
 
 
 def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run_exactly(tmp_path, model_dir):

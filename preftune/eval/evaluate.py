@@ -41,10 +41,15 @@ def evaluate_examples(
     return {key: torch.cat(parts) for key, parts in collected.items()}
 
 
+# Reward margins this close to 0 are ties: cached reference log-probs come from a differently packed
+# batch, so a policy equal to its reference shows float noise of this order, not a ranking.
+TIE_TOLERANCE = 1e-4
+
+
 def summarize_evaluation(per_pair: dict[str, torch.Tensor], prefix: str = "eval/") -> dict[str, float]:
     """Means of every per-pair value, plus the fraction of pairs the policy ranks the wrong way."""
     summary = {f"{prefix}{key}": value.mean().item() for key, value in per_pair.items()}
     if "rewards/margins" in per_pair:
-        summary[f"{prefix}negative_margin_fraction"] = (per_pair["rewards/margins"] < 0).float().mean().item()
+        summary[f"{prefix}negative_margin_fraction"] = (per_pair["rewards/margins"] < -TIE_TOLERANCE).float().mean().item()
     summary[f"{prefix}num_pairs"] = float(len(per_pair["loss"]))
     return summary

@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from preftune.atomic import atomic_write_text  # noqa: E402
+from preftune.eval.evaluate import TIE_TOLERANCE  # noqa: E402
 from preftune.train.metrics_log import read_metrics  # noqa: E402
 
 ROWS = [
@@ -23,12 +24,12 @@ ROWS = [
     ("eval/logps/chosen", "log p(chosen) per token", "higher"),
     ("eval/logps/rejected", "log p(rejected) per token", "lower"),
 ]
-# Rows that count pairs ranked by the implicit-reward margin: meaningless while every margin is 0.
+# Rows that count pairs ranked by the implicit-reward margin: meaningless while every margin is a tie.
 RANKING_ROWS = {"eval/rewards/accuracies", "eval/negative_margin_fraction"}
 
 
 def _all_margins_tied(per_pair: dict[str, torch.Tensor] | None) -> bool:
-    return per_pair is not None and "rewards/margins" in per_pair and bool((per_pair["rewards/margins"] == 0).all())
+    return per_pair is not None and "rewards/margins" in per_pair and bool((per_pair["rewards/margins"].abs() <= TIE_TOLERANCE).all())
 
 
 def _throughput(train_metrics: list[dict]) -> float:
@@ -126,7 +127,7 @@ def write_report(trainer, result) -> Path:
             start = before.get(key) if before else None
             end = after[key]
             if key in RANKING_ROWS and all_tied:
-                # Before training the policy IS the reference: every implicit-reward margin is exactly 0,
+                # Before training the policy IS the reference: every implicit-reward margin is 0 (up to float noise),
                 # so "before" ranks nothing; judge the after against chance instead.
                 lines.append(f"| {label} | tie | {end:.4f} | | {wanted} than 0.5 |")
                 better = end > 0.5 if wanted == "higher" else end < 0.5

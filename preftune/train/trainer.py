@@ -80,6 +80,10 @@ class Trainer:
 
         self.policy = policy.to(self.accelerator.device)
         self.policy.train()
+        if self.training.gradient_checkpointing:
+            # Non-reentrant: gradients reach the LoRA weights without making the inputs require grad. Only
+            # training-mode forwards recompute; the reference (eval mode, no_grad) runs as before.
+            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.spec = get_loss_spec(config.method.loss_type)
         if self.training.per_device_train_batch_size < self.spec.min_batch_size:
             raise ConfigError(
