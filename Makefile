@@ -1,4 +1,4 @@
-# Two entry points: `make demo` (set up, then a short DPO run of SmolLM2-135M on real data)
+# Two entry points: `make demo` (set up, then a short CPO run of SmolLM2-135M on real data)
 # and `make test` (set up, then the test suite). Both create ./.venv on first use.
 PYTHON ?= python3.11
 VENV ?= .venv

@@ -16,7 +16,7 @@ DESCRIPTION = """\
 preftune aligns a causal language model with preference data (prompt + chosen + rejected answers).
 
 Quick start:
-  preftune train                         # the embedded demo: DPO on SmolLM2-135M with real hh-rlhf pairs
+  preftune train                         # the embedded demo: CPO (constrained DPO) on SmolLM2-135M, real hh-rlhf pairs
   preftune train --config run.yaml       # your own run (see `preftune config` for every key)
   preftune train --config run.yaml --set method.beta=0.3 --set training.max_steps=100
   preftune sweep --config run.yaml --param beta --values 0.05,0.1,0.3,0.5
