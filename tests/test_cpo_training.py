@@ -166,6 +166,7 @@ def test_the_final_lagrangian_state_is_exported_next_to_the_model_and_reported(t
     history = _controller(trainer).history
     assert f"λ: final {history[-1]['lambda']:.4g}, max {max(e['lambda'] for e in history):.4g}" in summary
     assert "| pairs below the CPO margin threshold τ | 1.0000 | 1.0000 |" in summary
+    assert "validation loss (includes λ · hinge)" in summary and "not judged" in summary
     state = json.loads((tmp_path / "run" / "final" / "lagrangian_state.json").read_text())
     assert (tmp_path / "run" / "final" / "adapter").is_dir()
     assert state["lambda"] == trainer.loss.lagrange_multiplier > 0

@@ -134,6 +134,10 @@ def write_report(trainer, result) -> Path:
                 verdicts.append(f"- {'✓' if better else '✗'} {label} {end:.2f} (0.5 = chance; every pair was a tie before training)")
                 continue
             change = "" if start is None else f"{end - start:+.4f}"
+            if key == "eval/loss" and "eval/constraint/hinge" in after:
+                # CPO's loss includes λ·hinge and λ grows while the constraint is violated: not comparable over time.
+                lines.append(f"| {label} (includes λ · hinge) | {'' if start is None else f'{start:.4f}'} | {end:.4f} | {change} | not judged |")
+                continue
             lines.append(f"| {label} | {'' if start is None else f'{start:.4f}'} | {end:.4f} | {change} | {wanted} |")
             if start is not None:
                 moved_right = (end > start) if wanted == "higher" else (end < start)
