@@ -164,7 +164,7 @@ class TrainingSettings(_Section):
     eval_steps: int | None = Field(50, ge=1, description="also evaluated before the first and after the last step")
     save_steps: int | None = Field(None, ge=1, description="checkpoint every N steps (and always at the end)")
     save_total_limit: int | None = Field(2, ge=1)
-    logprob_chunk_size: int = Field(1024, ge=1, description="answer positions per vocabulary projection chunk")
+    logprob_chunk_size: int = Field(512, ge=1, description="answer positions per vocabulary projection chunk")
     gradient_checkpointing: bool = Field(
         True, description="recompute decoder-layer activations in backward instead of storing them: ~25% more time, a fraction of the memory"
     )
