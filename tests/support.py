@@ -12,10 +12,11 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from preftune.config import RunConfig, validate_config
+from preftune.data import load_pairs, tokenize_pairs
+from preftune.data.pipeline import resolve_data_path
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 BYTEBPE_TOKENIZER = ASSETS / "tokenizers" / "bytebpe"
-SHARED_HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless"
 
 
 def load_test_tokenizer(path: Path = BYTEBPE_TOKENIZER):
@@ -82,3 +83,10 @@ def tiny_run_config(output_dir: Path, model_dir: Path, **sections: dict[str, Any
         else:
             raw[section] = values
     return validate_config(raw)
+
+
+def tokenized_hh_pairs(tokenizer, *, read: int, max_length: int = 96, max_prompt_length: int = 64) -> list:
+    """The first `read` records of the shipped hh-rlhf train split, tokenised as a tiny run would."""
+    loaded, _ = load_pairs(resolve_data_path("hh-rlhf-harmless:train"), tokenizer=tokenizer, max_samples=read)
+    tokenized, _ = tokenize_pairs(loaded, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
+    return tokenized

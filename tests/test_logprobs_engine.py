@@ -12,14 +12,11 @@ import pytest
 import torch
 
 from preftune.data.collate import collate_pairs
-from preftune.data.formats import load_pairs
-from preftune.data.pipeline import resolve_data_path
-from preftune.data.tokenize import tokenize_pairs
 from preftune.logprobs import sequence_logps, unshared_sequence_logps
 from preftune.losses.dpo import dpo_loss
 from preftune.model.lora import apply_lora
 from preftune.model.reference import ReferenceModel
-from tests.support import load_test_tokenizer, tiny_llama
+from tests.support import load_test_tokenizer, tiny_llama, tokenized_hh_pairs
 
 LOGPS_TOLERANCE = dict(rtol=1e-5, atol=1e-4)  # sums over up to ~60 tokens of float32 log-probs
 
@@ -38,9 +35,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def pairs(tokenizer):
     """Six real hh-rlhf pairs tokenised as a run would: the longest of 40 and five short ones that pack beside it."""
-    loaded, _ = load_pairs(resolve_data_path("hh-rlhf-harmless:train"), tokenizer=tokenizer, max_samples=40)
-    tokenized, _ = tokenize_pairs(loaded, tokenizer, max_length=96, max_prompt_length=64)
-    by_length = sorted(tokenized, key=lambda p: len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids))
+    by_length = sorted(tokenized_hh_pairs(tokenizer, read=40), key=lambda p: len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids))
     return [by_length[0], by_length[1], by_length[-1], by_length[2], by_length[3], by_length[4]]
 
 

@@ -9,14 +9,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from preftune.data.collate import collate_pairs
-from preftune.data.formats import load_pairs
-from preftune.data.pipeline import resolve_data_path
-from preftune.data.tokenize import tokenize_pairs
 from preftune.logprobs.cache import ReferenceCacheError, ReferenceLogpsCache, example_keys, open_reference_cache
 from preftune.model.lora import apply_lora
 from preftune.model.reference import ReferenceModel
 from preftune.run import build_trainer
-from tests.support import load_test_tokenizer, save_tiny_model, tiny_llama, tiny_run_config
+from tests.support import load_test_tokenizer, save_tiny_model, tiny_llama, tiny_run_config, tokenized_hh_pairs
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +23,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def pairs(tokenizer):
-    loaded, _ = load_pairs(resolve_data_path("hh-rlhf-harmless:train"), tokenizer=tokenizer, max_samples=12)
-    tokenized, _ = tokenize_pairs(loaded, tokenizer, max_length=96, max_prompt_length=64)
-    return tokenized[:6]
+    return tokenized_hh_pairs(tokenizer, read=12)[:6]
 
 
 def _reference(model):
