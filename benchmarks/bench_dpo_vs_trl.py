@@ -105,7 +105,7 @@ def run_trl(args, *, fastest: bool) -> dict:
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from preftune.model.loading import load_model, load_tokenizer, resolve_model_path
+    from preftune.model.loading import load_model, load_tokenizer
     from preftune.run import build_trainer
 
     # The same pairs in the same order as preftune's run: take them from a preftune trainer's data order.
@@ -184,7 +184,7 @@ def run_trl(args, *, fastest: bool) -> dict:
         "step_seconds": timer.step_seconds,
         "losses": timer.losses,
         "setup_seconds": setup_seconds,
-        "model_path": str(resolve_model_path(MODEL)),
+        "model": MODEL,  # a name, not the cache path: results are shared across machines
         "trl_args": {k: v for k, v in settings.items() if k not in ("output_dir",)},
     }
 
