@@ -81,7 +81,7 @@ def run_preftune(args) -> dict:
         cache_dir=Path(args.cache_dir), reference_cache=True,
     )
     trainer = build_trainer(config)
-    step_seconds, losses, tokens = [], [], []
+    step_seconds, losses = [], []
     for step in range(args.steps):
         micro_batches = trainer.step_micro_batches(epoch=0, step_in_epoch=step)
         started = time.perf_counter()

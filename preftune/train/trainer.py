@@ -362,7 +362,7 @@ class Trainer:
             if is_main:
                 self.export()
         except KeyboardInterrupt:
-            self.console.print(f"[yellow]interrupted; continue from the last checkpoint with: --set resume_from=latest")
+            self.console.print("[yellow]interrupted; continue from the last checkpoint with: --set resume_from=latest")
             raise
         finally:
             if self.log is not None:
