@@ -1,0 +1,111 @@
+import math
+
+import pytest
+
+from preftune.data import PreferencePair
+from preftune.data.mixing import SourceGroup, groups_by_provenance, histogram_kl, kl_divergence, mix_sources
+from preftune.errors import ConfigError, DataError
+
+
+def pairs(n, tag, difference=0):
+    return [PreferencePair(f"{tag} q{i}", "x" * (5 + difference), "x" * 5, f"{tag}.jsonl:{i + 1}") for i in range(n)]
+
+
+def test_kl_of_two_known_histograms():
+    # P = (1/2, 1/2), Q = (3/4, 1/4): KL = 1/2 ln(2/3) + 1/2 ln 2 = 1/2 ln(4/3)
+    assert kl_divergence([1, 1], [3, 1], smoothing=0) == pytest.approx(0.5 * math.log(4 / 3))
+    assert kl_divergence([3, 1], [3, 1], smoothing=0) == 0.0
+    # smoothing 0.5: P = (0.5, 2.5)/3, Q = (2.5, 0.5)/3 → 1/6 ln(1/5) + 5/6 ln 5 = 2/3 ln 5
+    assert kl_divergence([0, 2], [2, 0], smoothing=0.5) == pytest.approx(2 / 3 * math.log(5))
+    assert kl_divergence([0, 2], [2, 0], smoothing=0) == math.inf
+
+
+def test_histogram_kl_bins_the_pooled_range():
+    # two bins over [0, 1]: counts (2, 2) against (3, 1)
+    assert histogram_kl([0, 0, 1, 1], [0, 0, 0, 1], bins=2, smoothing=0) == pytest.approx(0.5 * math.log(4 / 3))
+    assert histogram_kl([3, 3], [3, 3, 3]) == 0.0
+
+
+def test_human_ratio_is_a_floor_met_by_subsampling_synthetic_data():
+    groups = [
+        SourceGroup(pairs(70, "human"), "human", name="h"),
+        SourceGroup(pairs(30, "synthA"), "synthetic", name="a"),
+        SourceGroup(pairs(20, "synthB"), "synthetic", name="b"),
+    ]
+    mixed, report = mix_sources(groups, human_ratio=0.7, seed=1)
+    # at most floor(70 · 0.3 / 0.7) = 30 synthetic pairs, split 30:20 → 18 + 12
+    assert [g.kept for g in report.groups] == [70, 18, 12]
+    assert [g.subsampled_for_ratio for g in report.groups] == [0, 12, 8]
+    assert report.achieved_human_ratio == pytest.approx(0.7)
+    assert len(mixed) == 100
+    assert mixed[:70] == groups[0].pairs  # human data is never touched
+    synth_a = [p for p in mixed if p.prompt.startswith("synthA")]
+    assert synth_a == sorted(synth_a, key=lambda p: int(p.source.rsplit(":", 1)[1]))  # file order kept
+    assert mix_sources(groups, human_ratio=0.7, seed=1)[0] == mixed
+
+
+def test_a_floor_already_met_changes_nothing_and_ratio_one_drops_all_synthetic():
+    groups = [SourceGroup(pairs(80, "human"), "human"), SourceGroup(pairs(20, "synth"), "synthetic")]
+    mixed, report = mix_sources(groups, human_ratio=0.7)
+    assert len(mixed) == 100 and report.achieved_human_ratio == pytest.approx(0.8)
+    mixed, report = mix_sources(groups, human_ratio=1.0)
+    assert len(mixed) == 80 and report.achieved_human_ratio == 1.0
+
+
+def test_weight_is_the_fraction_of_a_group_used():
+    groups = [SourceGroup(pairs(10, "human"), "human", weight=0.5), SourceGroup(pairs(8, "synth"), "synthetic", weight=0.25)]
+    mixed, report = mix_sources(groups)
+    assert [(g.after_weight, g.kept) for g in report.groups] == [(5, 5), (2, 2)]
+    with pytest.raises(ConfigError, match="weight"):
+        SourceGroup(pairs(2, "h"), "human", weight=1.5)
+    with pytest.raises(ConfigError, match="provenance"):
+        SourceGroup(pairs(2, "h"), "people")
+
+
+def test_a_floor_without_human_data_is_an_error():
+    with pytest.raises(DataError, match="no human pairs"):
+        mix_sources([SourceGroup(pairs(5, "s"), "synthetic")], human_ratio=0.5)
+
+
+def test_kl_warning_on_the_default_length_statistic():
+    same = mix_sources([SourceGroup(pairs(20, "h", 2), "human"), SourceGroup(pairs(20, "s", 2), "synthetic")])[1]
+    assert same.kl_after == 0.0 and not same.warnings
+    assert "length difference" in same.statistic
+    human = pairs(20, "h", 0) + pairs(20, "h2", 10)
+    synthetic = pairs(40, "s", 10)
+    report = mix_sources([SourceGroup(human, "human"), SourceGroup(synthetic, "synthetic")])[1]
+    # two occupied bins of 20 (first, last): P = (0.5, 40.5)/50, Q = (20.5, 20.5)/50 over the other 18 bins at 0.5/50 each
+    p = [0.5 / 50] + [0.5 / 50] * 18 + [40.5 / 50]
+    q = [20.5 / 50] + [0.5 / 50] * 18 + [20.5 / 50]
+    expected = sum(a * math.log(a / b) for a, b in zip(p, q))
+    assert report.kl_after == pytest.approx(expected)
+    assert report.kl_after > 0.15
+    assert any("KL(synthetic ‖ human)" in w for w in report.warnings)
+
+
+def test_outlier_filter_keeps_synthetic_pairs_inside_the_human_quantile_range():
+    human = pairs(100, "h")
+    synthetic = pairs(3, "s")
+    groups = [
+        SourceGroup(human, "human", statistic=list(range(100))),  # quantiles 5% → 4.95, 95% → 94.05
+        SourceGroup(synthetic, "synthetic", statistic=[-10.0, 50.0, 200.0]),
+    ]
+    mixed, report = mix_sources(groups, filter_outliers=True)
+    assert report.outlier_range == pytest.approx((4.95, 94.05))
+    assert report.groups[1].filtered_outliers == 2
+    assert mixed[100:] == [synthetic[1]]
+    assert report.statistic == "the given statistic"
+    assert report.kl_before is not None and report.kl_after is not None
+    with pytest.raises(ConfigError, match="every source group"):
+        mix_sources([SourceGroup(human, "human", statistic=[0.0] * 100), SourceGroup(synthetic, "synthetic")])
+
+
+def test_groups_from_a_parallel_list_or_a_mapping():
+    items = pairs(4, "x")
+    by_list = groups_by_provenance(items, ["human", "synthetic", "human", "synthetic"])
+    assert [(g.provenance, [p.source for p in g.pairs]) for g in by_list] == [
+        ("human", ["x.jsonl:1", "x.jsonl:3"]),
+        ("synthetic", ["x.jsonl:2", "x.jsonl:4"]),
+    ]
+    by_mapping = groups_by_provenance(items, {p.source: "human" for p in items})
+    assert len(by_mapping) == 1 and by_mapping[0].pairs == items
