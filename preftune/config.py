@@ -41,8 +41,18 @@ class ModelSettings(_Section):
     )
 
 
+class SourceSpec(_Section):
+    """One training file of a human/synthetic mix (`data.sources`); see preftune/data/mixing.py."""
+
+    path: str = Field(description="a JSONL/JSON/Parquet file of pairs, or an embedded dataset 'name:split'")
+    source: Literal["human", "synthetic"] = Field(description="provenance: written/labelled by people, or generated")
+    weight: float = Field(1.0, gt=0.0, le=1.0, description="fraction of this file to use (seeded subsample); 1 = all of it")
+
+
 class DataSettings(_Section):
-    train_file: str = Field("hh-rlhf-harmless:train", description="a JSONL/JSON/Parquet file, or an embedded dataset 'name:split'")
+    train_file: str | None = Field(
+        "hh-rlhf-harmless:train", description="a JSONL/JSON/Parquet file, or an embedded dataset 'name:split'; null with data.sources"
+    )
     validation_file: str | None = Field(
         "hh-rlhf-harmless:validation", description="null = hold out `validation_split` of the train file"
     )
@@ -55,6 +65,43 @@ class DataSettings(_Section):
     max_validation_samples: int | None = Field(None, ge=1)
     max_length: int = Field(512, ge=8, description="prompt + answer tokens per sequence")
     max_prompt_length: int | None = Field(None, ge=1, description="default: max_length // 2")
+    # Evidence about the data (preftune/data/audit.py, preftune/data/mixing.py, docs/EVIDENCE.md).
+    length_balance: bool = Field(
+        False, description="subsample training pairs so the chosen answer is longer exactly as often as it is shorter"
+    )
+    sources: list[SourceSpec] | None = Field(
+        None, description="training files tagged human/synthetic, mixed in place of train_file (validation_file or split as usual)"
+    )
+    human_ratio: float | None = Field(
+        None, ge=0.0, le=1.0, description="floor on the human share of the sources mix; synthetic pairs are subsampled to meet it"
+    )
+    kl_divergence_threshold: float = Field(
+        0.15, gt=0.0, description="warn when KL(synthetic ‖ human) of the per-pair length difference exceeds this"
+    )
+    filter_synthetic_outliers: bool = Field(
+        False, description="drop synthetic pairs whose length difference is outside the human 5th–95th percentile range"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_default_train_file_with_sources(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("sources") is not None and "train_file" not in data:
+            return {**data, "train_file": None}
+        return data
+
+    @model_validator(mode="after")
+    def _sources_replace_train_file(self) -> DataSettings:
+        if self.sources is not None:
+            if not self.sources:
+                raise ValueError("data.sources needs at least one {path, source: human|synthetic, weight} entry")
+            if self.train_file is not None:
+                raise ValueError("give either data.train_file or data.sources (the sources are the training files), not both")
+        else:
+            if self.train_file is None:
+                raise ValueError("data.train_file is required unless data.sources lists the training files")
+            if self.human_ratio is not None or self.filter_synthetic_outliers:
+                raise ValueError("data.human_ratio and data.filter_synthetic_outliers apply to data.sources: list the files there")
+        return self
 
 
 class ConstraintSettings(_Section):

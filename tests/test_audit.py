@@ -3,6 +3,7 @@ import math
 
 import pytest
 
+from preftune.config import DataSettings
 from preftune.data import PreferencePair, load_pairs
 from preftune.data.audit import (
     audit_pairs,
@@ -13,7 +14,7 @@ from preftune.data.audit import (
     wilson_interval,
 )
 from preftune.data.kto import UnpairedExample
-from preftune.data.pipeline import resolve_data_path
+from preftune.data.pipeline import prepare_pairs, resolve_data_path
 from preftune.errors import DataError
 from tests.support import load_test_tokenizer
 
@@ -170,3 +171,19 @@ def test_length_balance_on_the_shipped_data():
 def test_length_balance_refuses_to_remove_everything():
     with pytest.raises(DataError, match="every pair"):
         length_balance(pairs_with_differences([1, 2, 3]))
+
+
+def test_the_pipeline_balances_and_audits_the_training_split():
+    settings = DataSettings(max_train_samples=40, max_validation_samples=4, max_length=96, length_balance=True)
+    tokenizer = load_test_tokenizer()
+    data = prepare_pairs(settings, tokenizer, seed=0)
+    balance = data.balance
+    assert balance.unit == "tokens"
+    assert balance.after["chosen_longer"] == balance.after["chosen_shorter"]
+    assert balance.removed == abs(balance.before["chosen_longer"] - balance.before["chosen_shorter"]) > 0
+    assert data.audit.count == 40 - balance.removed
+    assert data.audit.unit == "tokens"
+    assert data.audit.length_bias.share_chosen_longer == 0.5
+    assert "length balance (tokens)" in data.summary()
+    unbalanced = prepare_pairs(DataSettings(max_train_samples=40, max_validation_samples=4, max_length=96), tokenizer, seed=0)
+    assert unbalanced.balance is None and unbalanced.audit.count == 40

@@ -1,10 +1,14 @@
+import json
 import math
 
 import pytest
 
+from preftune.config import DataSettings
 from preftune.data import PreferencePair
 from preftune.data.mixing import SourceGroup, groups_by_provenance, histogram_kl, kl_divergence, mix_sources
+from preftune.data.pipeline import prepare_pairs
 from preftune.errors import ConfigError, DataError
+from tests.support import load_test_tokenizer
 
 
 def pairs(n, tag, difference=0):
@@ -109,3 +113,29 @@ def test_groups_from_a_parallel_list_or_a_mapping():
     ]
     by_mapping = groups_by_provenance(items, {p.source: "human" for p in items})
     assert len(by_mapping) == 1 and by_mapping[0].pairs == items
+
+
+def write_pairs(path, n, tag):
+    path.write_text("".join(json.dumps({"prompt": f"{tag} {i}?", "chosen": " yes" * (1 + i % 3), "rejected": " no"}) + "\n" for i in range(n)))
+    return str(path)
+
+
+def test_the_pipeline_mixes_data_sources_with_the_human_floor(tmp_path):
+    settings = DataSettings(
+        sources=[
+            {"path": write_pairs(tmp_path / "human.jsonl", 14, "human"), "source": "human"},
+            {"path": write_pairs(tmp_path / "synthetic.jsonl", 10, "synthetic"), "source": "synthetic"},
+        ],
+        human_ratio=0.7,
+        validation_file=None,
+        validation_split=2,
+        max_length=64,
+    )
+    data = prepare_pairs(settings, load_test_tokenizer(), seed=0)
+    assert settings.train_file is None
+    assert [g.kept for g in data.mix.groups] == [14, 6]  # floor(14 · 0.3 / 0.7) = 6 synthetic pairs
+    assert len(data.load_reports) == 2
+    assert len(data.train) + len(data.validation) == 20  # the split comes after the mix
+    assert data.audit.count == 18
+    assert "mix: 20 pairs, human share 0.700 (floor 0.7)" in data.summary()
+    assert "tokens" in data.mix.statistic
