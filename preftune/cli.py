@@ -10,7 +10,7 @@ import warnings
 
 from rich.console import Console
 
-from preftune.errors import PreftuneError
+from preftune.errors import ConfigError, PreftuneError
 
 DESCRIPTION = """\
 preftune aligns a causal language model with preference data (prompt + chosen + rejected answers).
@@ -21,6 +21,8 @@ Quick start:
   preftune train --config run.yaml --set method.beta=0.3 --set training.max_steps=100
   preftune sweep --config run.yaml --param beta --values 0.05,0.1,0.3,0.5
   preftune convert --to kto pairs.jsonl kto.jsonl   # paired data → unpaired {prompt, completion, label}
+  preftune audit pairs.jsonl             # duplicates, lengths, length bias ("longer is better?")
+  preftune recommend --data pairs.jsonl --output recommended.yaml   # which method, from the data and the reference
 
 A run folder holds config.yaml, metrics.jsonl, alerts.jsonl, tensorboard/, checkpoints/,
 final/adapter, final/merged and summary.md.
@@ -66,6 +68,23 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--to", required=True, choices=["kto"], help="target format")
     convert.add_argument("--format", default="auto", choices=["auto", "pairs", "chat", "hh_rlhf"], help="input format")
     convert.add_argument("--tokenizer", help="model name or folder whose chat template renders chat-format prompts")
+
+    audit = commands.add_parser("audit", help="audit preference files: duplicates, lengths, format, length bias")
+    audit.add_argument("files", nargs="+", metavar="FILE", help="JSONL/JSON/Parquet files or embedded datasets 'name:split'")
+    audit.add_argument("--tokenizer", help="model name or folder: lengths in its tokens (default: characters)")
+    audit.add_argument("--format", default="auto", choices=["auto", "pairs", "chat", "hh_rlhf", "kto"], help="input format")
+    audit.add_argument("--json", metavar="OUT", help="also write the audits as JSON ({file: audit})")
+
+    recommend = commands.add_parser(
+        "recommend", help="measure the data and the reference model's preference accuracy; recommend a method and config"
+    )
+    recommend.add_argument("--data", action="append", required=True, metavar="FILE", help="human (or unlabelled) data (repeatable)")
+    recommend.add_argument("--synthetic", action="append", default=[], metavar="FILE", help="synthetic data (repeatable)")
+    recommend.add_argument("--model", default="smollm2-135m", help="reference model: embedded name or local folder")
+    recommend.add_argument("--sample", type=int, default=200, help="pairs the reference accuracy is measured on")
+    recommend.add_argument("--max-length", type=int, default=512, help="prompt + answer tokens per measured sequence")
+    recommend.add_argument("--format", default="auto", choices=["auto", "pairs", "chat", "hh_rlhf"], help="input format")
+    recommend.add_argument("--output", metavar="YAML", help="write a ready-to-run config for the recommendation")
     return parser
 
 
@@ -117,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
             written, report = convert_to_kto(resolve_data_path(args.input), args.output, format=args.format, tokenizer=tokenizer)
             console.print(report.summary())
             console.print(f"wrote {written} KTO records to {args.output}")
+        elif args.command == "audit":
+            _audit(args)
+        elif args.command == "recommend":
+            _recommend(args, console)
         elif args.command == "losses":
             from preftune.losses import ALIASES, LOSSES
 
@@ -130,6 +153,52 @@ def main(argv: list[str] | None = None) -> int:
             raise
         console.print(f"[bold red]error:[/] {error}")
         return 2
+
+
+def _audit(args) -> None:
+    from preftune.atomic import atomic_write_json
+    from preftune.data.audit import audit_records
+    from preftune.data.kto import load_pairs_or_unpaired
+    from preftune.data.pipeline import resolve_data_path
+
+    tokenizer = None
+    if args.tokenizer:
+        from preftune.model.loading import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer)
+    audits = {}
+    for spec in args.files:
+        records, report = load_pairs_or_unpaired(resolve_data_path(spec), format=args.format, tokenizer=tokenizer)
+        audits[spec] = audit_records(records, tokenizer)
+        print(f"== {spec}\n{report.summary()}\n{audits[spec].summary()}")
+    if args.json:
+        atomic_write_json(args.json, {spec: audit.to_dict() for spec, audit in audits.items()})
+
+
+def _recommend(args, console) -> None:
+    from preftune.data.pipeline import resolve_data_path
+    from preftune.eval.recommend import data_kind, decide, measure_traits, write_recommended_config
+    from preftune.model.loading import load_model, load_tokenizer
+
+    model = tokenizer = None
+    # The reference model is only needed (and only loaded) to measure its accuracy on pairs.
+    if data_kind(resolve_data_path(args.data[0])) == "paired":
+        tokenizer, model = load_tokenizer(args.model), load_model(args.model)
+    measurement = measure_traits(
+        args.data, synthetic_files=args.synthetic, model=model, tokenizer=tokenizer,
+        sample=args.sample, format=args.format, max_length=args.max_length,
+    )
+    if measurement.audit is not None:
+        print(measurement.audit.summary())
+    recommendation = decide(measurement.traits)
+    print(recommendation.summary())
+    if args.output:
+        if len(args.data) > 1:
+            raise ConfigError("--output writes one training file (plus --synthetic sources): give one --data file")
+        write_recommended_config(
+            recommendation, args.output, data_file=args.data[0], synthetic_files=args.synthetic, model_name_or_path=args.model
+        )
+        console.print(f"wrote {args.output}: preftune train --config {args.output}")
 
 
 if __name__ == "__main__":
