@@ -180,10 +180,9 @@ def _recommend(args, console) -> None:
     from preftune.eval.recommend import data_kind, decide, measure_traits, write_recommended_config
     from preftune.model.loading import load_model, load_tokenizer
 
-    model = tokenizer = None
+    tokenizer = load_tokenizer(args.model)  # lengths in its tokens; its chat template renders chat data
     # The reference model is only needed (and only loaded) to measure its accuracy on pairs.
-    if data_kind(resolve_data_path(args.data[0])) == "paired":
-        tokenizer, model = load_tokenizer(args.model), load_model(args.model)
+    model = load_model(args.model) if data_kind(resolve_data_path(args.data[0])) == "paired" else None
     measurement = measure_traits(
         args.data, synthetic_files=args.synthetic, model=model, tokenizer=tokenizer,
         sample=args.sample, format=args.format, max_length=args.max_length,
