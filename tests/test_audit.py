@@ -133,7 +133,18 @@ def test_unpaired_audit_counts_labels_conflicts_and_length_bias():
     assert (bias.chosen_longer, bias.chosen_shorter, bias.equal_length) == (2, 0, 4)
     assert bias.share_chosen_longer == 1.0
     assert bias.mean_difference == pytest.approx(5 - 11 / 3)
+    assert bias.interval is None and bias.direction is None  # too few examples of each label to judge
+
+
+def test_unpaired_length_bias_is_flagged_with_a_seeded_bootstrap_interval():
+    examples = [UnpairedExample(f"p{i}", "long answer " * (1 + i % 3), True, f"k:{i}") for i in range(30)]
+    examples += [UnpairedExample(f"p{i}", "no" if i % 4 else "long answer long answer", False, f"k:{30 + i}") for i in range(30)]
+    audit = audit_unpaired(examples)
+    bias = audit.length_bias
+    assert bias.direction == "longer" and bias.interval[0] > 0.5
+    assert any("longer is better" in w and "per label" in w for w in audit.warnings)
     assert audit_unpaired(examples).to_dict() == audit.to_dict()  # the bootstrap is seeded
+    assert audit_unpaired(examples, seed=1).length_bias.interval != bias.interval
 
 
 def test_audit_is_json_serialisable_and_summarised():

@@ -41,6 +41,9 @@ from preftune.errors import DataError
 LENGTH_BIAS_SHARE = 0.6
 Z_95 = 1.959963984540054
 BOOTSTRAP_RESAMPLES = 200
+# Below this many desirable or undesirable examples a bootstrap interval is not worth reporting (with one
+# of each it is a single point), so unpaired data that small gets no interval and no length-bias verdict.
+MIN_BOOTSTRAP_EXAMPLES = 10
 MAX_EXAMPLES = 3
 
 CHAT_TEMPLATE_MARKERS = (
@@ -106,7 +109,8 @@ class LengthBias:
 
     For unpaired examples "chosen" means desirable (label true): the share is over every
     (desirable, undesirable) couple of examples with different lengths (the common-language effect
-    size), its interval a seeded bootstrap (200 resamples, 2.5–97.5th percentiles);
+    size), its interval a seeded bootstrap (200 resamples, 2.5–97.5th percentiles; none with fewer
+    than 10 examples of either label);
     `mean_difference` = mean desirable length − mean undesirable length; `correlation` is the
     point-biserial correlation of completion length with the label (+1/−1).
 
@@ -194,24 +198,23 @@ class DataAudit:
         if bias.share_chosen_longer is None:
             lines.append(f"length bias: no {side} answer differs in length from its counterpart")
         else:
-            low, high = bias.interval
+            interval = "too few examples for an interval" if bias.interval is None else (
+                f"95% interval {100 * bias.interval[0]:.1f}–{100 * bias.interval[1]:.1f}%"
+            )
             correlation = "n/a" if bias.correlation is None else f"{bias.correlation:+.3f}"
             lines.append(
                 f"length bias: {side} longer in {100 * bias.share_chosen_longer:.1f}% of {bias.compared} "
                 f"{'pairs' if self.kind == 'paired' else 'couples'} with different lengths "
-                f"(95% interval {100 * low:.1f}–{100 * high:.1f}%; {bias.equal_length} equal), "
+                f"({interval}; {bias.equal_length} equal), "
                 f"mean difference {bias.mean_difference:+.1f} {self.unit}, correlation with the label {correlation}"
             )
         lines += [f"WARNING: {warning}" for warning in self.warnings]
         return "\n".join(lines)
 
 
-def audit_pairs(pairs: Sequence, tokenizer=None, *, length_fn: LengthFn | None = None, unit: str | None = None) -> DataAudit:
-    """Audit paired records (`.prompt/.chosen/.rejected/.source`); see the module docstring.
-
-    `length_fn` and `unit` override the tokenizer-derived length (e.g. precomputed token counts).
-    """
-    length_fn, unit = _lengths_from(tokenizer, length_fn, unit)
+def audit_pairs(pairs: Sequence, tokenizer=None) -> DataAudit:
+    """Audit paired records (`.prompt/.chosen/.rejected/.source`); see the module docstring."""
+    length_fn, unit = length_function(tokenizer)
     exact, near, prompts, examples = _duplicates(pairs, lambda p: (p.prompt, p.chosen, p.rejected))
     prompt_lengths = [length_fn(p.prompt) for p in pairs]
     chosen_lengths = [length_fn(p.chosen) for p in pairs]
@@ -245,11 +248,9 @@ def audit_pairs(pairs: Sequence, tokenizer=None, *, length_fn: LengthFn | None =
     return audit
 
 
-def audit_unpaired(
-    examples: Sequence, tokenizer=None, *, length_fn: LengthFn | None = None, unit: str | None = None, seed: int = 0
-) -> DataAudit:
+def audit_unpaired(examples: Sequence, tokenizer=None, *, seed: int = 0) -> DataAudit:
     """Audit unpaired (KTO) records (`.prompt/.completion/.label/.source`); `seed` drives the bootstrap."""
-    length_fn, unit = _lengths_from(tokenizer, length_fn, unit)
+    length_fn, unit = length_function(tokenizer)
     exact, near, prompts, duplicate_examples = _duplicates(examples, lambda e: (e.prompt, e.completion, str(e.label)))
     labels_seen: dict[tuple[str, str], set[bool]] = {}
     for example in examples:
@@ -312,7 +313,7 @@ def unpaired_length_bias(desirable: np.ndarray, undesirable: np.ndarray, *, seed
     compared = longer + shorter
     share = longer / compared if compared else None
     interval = None
-    if compared:
+    if compared and min(desirable.size, undesirable.size) >= MIN_BOOTSTRAP_EXAMPLES:
         rng = np.random.default_rng(seed)
         shares = []
         for _ in range(BOOTSTRAP_RESAMPLES):
@@ -379,9 +380,7 @@ class BalanceReport:
         return line + (f", e.g. {', '.join(self.removed_examples)}" if self.removed_examples else "")
 
 
-def length_balance(
-    pairs: Sequence, tokenizer=None, *, seed: int = 0, length_fn: LengthFn | None = None, unit: str | None = None
-) -> tuple[list, BalanceReport]:
+def length_balance(pairs: Sequence, tokenizer=None, *, seed: int = 0) -> tuple[list, BalanceReport]:
     """Drop pairs so the chosen answer is longer exactly as often as it is shorter.
 
     Pairs with answers of equal length are all kept. The larger side (chosen longer or chosen
@@ -390,7 +389,7 @@ def length_balance(
     chosen-longer pairs among pairs with a length difference is exactly 0.5. Raises `DataError`
     when nothing would be left (every pair's chosen answer is longer, or every one shorter).
     """
-    length_fn, unit = _lengths_from(tokenizer, length_fn, unit)
+    length_fn, unit = length_function(tokenizer)
     differences = [length_fn(p.chosen) - length_fn(p.rejected) for p in pairs]
     longer = [i for i, d in enumerate(differences) if d > 0]
     shorter = [i for i, d in enumerate(differences) if d < 0]
@@ -417,12 +416,6 @@ def length_balance(
         removed_examples=[pairs[i].source for i in sorted(removed)[:MAX_EXAMPLES]],
     )
     return kept, report
-
-
-def _lengths_from(tokenizer, length_fn: LengthFn | None, unit: str | None) -> tuple[LengthFn, str]:
-    if length_fn is not None:
-        return length_fn, unit or "tokens"
-    return length_function(tokenizer)
 
 
 def _duplicates(records: Sequence, texts: Callable) -> tuple[int, int, int, list[str]]:
@@ -482,7 +475,7 @@ def _longer_shorter_couples(desirable: np.ndarray, undesirable: np.ndarray) -> t
 
 
 def _direction(share: float | None, interval: tuple[float, float] | None) -> str | None:
-    if share is None:
+    if share is None or interval is None:
         return None
     if share > LENGTH_BIAS_SHARE and interval[0] > 0.5:
         return "longer"
@@ -494,16 +487,17 @@ def _direction(share: float | None, interval: tuple[float, float] | None) -> str
 def _warnings(audit: DataAudit) -> list[str]:
     warnings = []
     bias = audit.length_bias
+    remedy = "data.length_balance: true" if audit.kind == "paired" else "rebalancing the completions' lengths per label"
     if bias.direction == "longer":
         warnings.append(
             f"the data teaches 'longer is better': the preferred answer is longer in {100 * bias.share_chosen_longer:.1f}% "
             f"of comparable pairs (> {100 * LENGTH_BIAS_SHARE:.0f}%, interval above 50%); a policy can win on verbosity "
-            "alone. Consider data.length_balance: true or a length-normalised loss"
+            f"alone. Consider {remedy} or a length-normalised loss"
         )
     elif bias.direction == "shorter":
         warnings.append(
             f"the data teaches 'shorter is better': the preferred answer is shorter in "
-            f"{100 * (1 - bias.share_chosen_longer):.1f}% of comparable pairs; consider data.length_balance: true"
+            f"{100 * (1 - bias.share_chosen_longer):.1f}% of comparable pairs; consider {remedy}"
         )
     if audit.exact_duplicates:
         warnings.append(f"{audit.exact_duplicates} exact duplicate records: they count twice in the loss and can leak into validation")
