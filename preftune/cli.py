@@ -9,8 +9,9 @@ import sys
 import warnings
 
 from rich.console import Console
+from rich.markup import escape
 
-from preftune.errors import PreftuneError
+from preftune.errors import PreftuneError, TrainingInterrupted
 
 DESCRIPTION = """\
 preftune aligns a causal language model with preference data (prompt + chosen + rejected answers).
@@ -48,8 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a policy on preference pairs and write a run folder")
     _config_arguments(train)
 
-    config = commands.add_parser("config", help="print the fully resolved config (defaults filled in)")
+    config = commands.add_parser(
+        "config",
+        help="print the library defaults of a method with each key's description (--method), or a resolved config (--config)",
+    )
     _config_arguments(config)
+    config.add_argument("--method", help="print the library defaults for this loss_type, with descriptions")
+
+    report = commands.add_parser("report", help="rebuild summary.md and plots of a run folder from its files alone")
+    report.add_argument("run_dir", help="a run folder written by `preftune train`")
 
     commands.add_parser("losses", help="list the available loss_type values")
 
@@ -96,9 +104,21 @@ def main(argv: list[str] | None = None) -> int:
 
             train(_load(args), console=console)
         elif args.command == "config":
-            from preftune.config import dump_config
+            from preftune.config import DEFAULT_METHOD, describe_defaults, dump_config
 
-            print(dump_config(_load(args)), end="")
+            if args.config or args.overrides or args.output_dir:
+                print(dump_config(_load(args)), end="")
+            else:
+                print(describe_defaults(args.method or DEFAULT_METHOD), end="")
+        elif args.command == "report":
+            from preftune.eval.report import write_report
+
+            try:
+                summary = write_report(args.run_dir)
+            except FileNotFoundError as error:
+                raise PreftuneError(str(error)) from None
+            console.print(escape(summary.read_text(encoding="utf-8")))
+            console.print(f"[bold green]report written[/]: {escape(str(summary))}")
         elif args.command == "sweep":
             from preftune.sweep import parse_values, run_sweep
 
@@ -118,18 +138,18 @@ def main(argv: list[str] | None = None) -> int:
             console.print(report.summary())
             console.print(f"wrote {written} KTO records to {args.output}")
         elif args.command == "losses":
-            from preftune.losses import ALIASES, LOSSES
+            from preftune.methods import METHODS
 
-            for name, spec in LOSSES.items():
-                aliases = [alias for alias, target in ALIASES.items() if target == name]
-                also = f" (alias: {', '.join(aliases)})" if aliases else ""
-                print(f"{name:<18} {spec.summary}{also}")
+            for name, method in METHODS.items():
+                also = f" (alias: {', '.join(method.aliases)})" if method.aliases else ""
+                print(f"{name:<18} {method.summary}{also}")
         return 0
     except PreftuneError as error:
         if args.verbose:
             raise
-        console.print(f"[bold red]error:[/] {error}")
-        return 2
+        # Messages hold paths and reason tags in brackets: print them as text, never as Rich markup.
+        console.print(f"[bold red]error:[/] {escape(str(error))}")
+        return 130 if isinstance(error, TrainingInterrupted) else 2
 
 
 if __name__ == "__main__":

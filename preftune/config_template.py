@@ -12,7 +12,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pydantic import BaseModel
+
 from preftune.errors import ConfigError
+from preftune.methods import ALIASES
+from preftune.methods.cpo import METHOD as CONSTRAINED
+
+CONSTRAINED_METHOD = CONSTRAINED.name
 
 TEMPLATE_KEY = "preference_training"
 
@@ -50,12 +56,15 @@ def is_template(raw: dict[str, Any]) -> bool:
     return TEMPLATE_KEY in raw
 
 
-def translate_template(raw: dict[str, Any], *, source: str) -> tuple[dict[str, Any], list[str], list[str]]:
+def translate_template(
+    raw: dict[str, Any], *, source: str, schemas: dict[str, type[BaseModel]]
+) -> tuple[dict[str, Any], list[str], list[str]]:
     """Turn `{preference_training: {...}, ...}` into preftune's raw config mapping.
 
     Returns (mapping, notes, warnings): one note per translated key ("template key → preftune key"),
     and a warning per key that is accepted but not acted on. Other top-level keys of the file
-    (`output_dir`, `resume_from`, ...) are kept; one set both ways is an error.
+    (`output_dir`, `resume_from`, ...) are kept; one set both ways is an error. `schemas` maps the
+    PASS_THROUGH targets ("model", "training", "data", "method.constraints") to their settings classes.
     """
     template = raw[TEMPLATE_KEY]
     where = f"{source}: {TEMPLATE_KEY}"
@@ -94,10 +103,10 @@ def translate_template(raw: dict[str, Any], *, source: str) -> tuple[dict[str, A
                 )
             elif key in RENAMES.get(section, {}):
                 put(RENAMES[section][key], value, origin)
-            elif key in _pass_through_keys(section):
+            elif key in _pass_through_keys(section, schemas):
                 put(f"{PASS_THROUGH[section]}.{key}", value, origin)
             else:
-                known = sorted({*RENAMES.get(section, {}), *NOT_YET_APPLIED.get(section, ()), *_pass_through_keys(section)})
+                known = sorted({*RENAMES.get(section, {}), *NOT_YET_APPLIED.get(section, ()), *_pass_through_keys(section, schemas)})
                 if section == "model":
                     known += list(REFERENCE_KEYS)
                 raise ConfigError(f"{where}.{origin}: unknown key; {section} takes: {', '.join(known)}")
@@ -111,28 +120,20 @@ def translate_template(raw: dict[str, Any], *, source: str) -> tuple[dict[str, A
 _SECTIONS = ("model", "optimization", "constraints", "monitoring", "data")
 
 
-def _pass_through_keys(section: str) -> list[str]:
-    from preftune import config
-
+def _pass_through_keys(section: str, schemas: dict[str, type[BaseModel]]) -> list[str]:
     target = PASS_THROUGH.get(section)
     if target is None:
         return []
-    model = {
-        "model": config.ModelSettings,
-        "training": config.TrainingSettings,
-        "data": config.DataSettings,
-        "method.constraints": config.ConstraintSettings,
-    }[target]
+    model = schemas[target]
     renamed_targets = {path.rsplit(".", 1)[-1] for path in RENAMES.get(section, {}).values()}
     # A key with a template name is only accepted under that name (e.g. max_sequence_length, not max_length).
     return [name for name in model.model_fields if name not in renamed_targets]
 
 
 def _method_is_constrained(template: dict[str, Any]) -> bool:
-    from preftune.config import _is_constrained
-
     optimization = template.get("optimization") or {}
-    return _is_constrained(optimization.get("method", "sigmoid") if isinstance(optimization, dict) else None)
+    loss_type = optimization.get("method", "sigmoid") if isinstance(optimization, dict) else None
+    return isinstance(loss_type, str) and ALIASES.get(loss_type, loss_type) == CONSTRAINED_METHOD
 
 
 def _check_reference(key: str, value: Any, where: str) -> None:

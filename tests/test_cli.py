@@ -7,6 +7,7 @@ import json
 import yaml
 
 from preftune.cli import main
+from preftune.config import DEFAULT_CONFIG_PATH
 from tests.support import save_tiny_model, tiny_run_config
 
 
@@ -52,11 +53,19 @@ def test_config_errors_name_the_key_and_exit_without_a_traceback(tmp_path, capsy
     assert "Traceback" not in err
 
 
-def test_config_command_prints_the_resolved_default():
+def test_config_command_prints_library_defaults_with_descriptions_not_the_demo():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "preftune.cli", "config"], capture_output=True, text=True, check=True).stdout
-    resolved = yaml.safe_load(out)
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "preftune.cli", "config", *args], capture_output=True, text=True, check=True).stdout
+
+    defaults = run()
+    resolved = yaml.safe_load(defaults)
     assert resolved["model"]["name_or_path"] == "smollm2-135m"
-    assert resolved["method"]["loss_type"] == "cpo" and resolved["method"]["constraints"]["margin_threshold"] == 0.5
+    assert resolved["method"] == {"loss_type": "sigmoid", "beta": 0.1, "label_smoothing": 0.0}
+    assert "# β: strength of the preference term" in defaults
+    cpo = yaml.safe_load(run("--method", "cpo"))
+    assert cpo["method"]["loss_type"] == "cpo" and cpo["method"]["constraints"]["margin_threshold"] == 0.1
+    demo = yaml.safe_load(run("--config", str(DEFAULT_CONFIG_PATH)))
+    assert demo["method"]["loss_type"] == "cpo" and demo["method"]["constraints"]["margin_threshold"] == 0.5

@@ -10,9 +10,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from preftune import runfolder  # noqa: E402
 from preftune.atomic import atomic_write_text  # noqa: E402
-from preftune.eval.evaluate import TIE_TOLERANCE  # noqa: E402
-from preftune.train.metrics_log import read_metrics  # noqa: E402
+from preftune.methods import get_method  # noqa: E402
+from preftune.methods.evaluation import TIE_TOLERANCE  # noqa: E402
 
 ROWS = [
     ("eval/loss", "validation loss", "lower"),
@@ -28,8 +29,14 @@ ROWS = [
 RANKING_ROWS = {"eval/rewards/accuracies", "eval/negative_margin_fraction"}
 
 
-def _all_margins_tied(per_pair: dict[str, torch.Tensor] | None) -> bool:
-    return per_pair is not None and "rewards/margins" in per_pair and bool((per_pair["rewards/margins"].abs() <= TIE_TOLERANCE).all())
+def _all_margins_tied(rows: list[dict] | None) -> bool:
+    return bool(rows) and "rewards/margins" in rows[0] and all(abs(row["rewards/margins"]) <= TIE_TOLERANCE for row in rows)
+
+
+def _margins(rows: list[dict] | None) -> torch.Tensor | None:
+    if not rows or "rewards/margins" not in rows[0]:
+        return None
+    return torch.tensor([row["rewards/margins"] for row in rows])
 
 
 def _throughput(train_metrics: list[dict]) -> float:
@@ -82,49 +89,38 @@ def plot_training_curves(metrics: list[dict], path: Path) -> Path | None:
     return path
 
 
-def _lagrangian_lines(trainer) -> list[str]:
-    """CPO only: where the Lagrange multiplier λ ended and how high it went."""
-    controller = next((c for c in trainer.controllers if c.name == "lagrangian"), None)
-    if controller is None or not controller.history:
-        return []
-    peak = max(controller.history, key=lambda entry: entry["lambda"])
-    settings = controller.settings
-    return [
-        "## CPO constraint (constrained DPO)",
-        "",
-        f"- τ = {trainer.loss.threshold:g} on the {'per-token mean' if settings.length_normalize else 'summed'} "
-        f"log-prob margin; λ follows the {'mean hinge' if settings.mode == 'soft' else 'fraction of pairs below τ'} ({settings.mode} mode)",
-        f"- λ: final {controller.multiplier:.4g}, max {peak['lambda']:.4g} (step {peak['step']}), "
-        f"last step's violation {controller.history[-1]['violation']:.4g}",
-        "- `final/lagrangian_state.json`: λ, its value after every step, and the constraint settings",
-        "",
-    ]
-
-
-def write_report(trainer, result) -> Path:
-    """Write plots and `summary.md` into the run folder; return the summary's path."""
-    run_dir = result.run_dir
-    config = trainer.config
-    metrics = read_metrics(run_dir / "metrics.jsonl")
-    alerts = read_metrics(run_dir / "alerts.jsonl")
+def write_report(run_dir: Path) -> Path:
+    """Write plots and `summary.md` from the run folder alone (preftune/runfolder.py); return the summary's path."""
+    records = runfolder.read_run(run_dir)
+    run_dir = records.run_dir
+    config = records.config
+    metrics = records.metrics
+    alerts = records.alerts
+    first_rows, last_rows = records.first_and_last_evaluation()
+    evals = records.eval_rows
+    before = evals[0] if evals else None
+    after = evals[-1] if evals else None
+    lora = config.get("model", {}).get("lora")
+    identity = records.identity
+    train_examples = sum(row.get("pairs", 0) for row in records.train_rows)
     lines = [
-        f"# preftune run: {config.method.loss_type} on {config.model.name_or_path}",
+        f"# preftune run: {records.method} on {config.get('model', {}).get('name_or_path')}",
         "",
-        f"- data: {config.data.train_file} → {len(trainer.data.train)} train / {len(trainer.data.validation)} validation pairs",
-        f"- steps: {result.state.global_step} ({result.state.pairs_seen} pairs this session) in {result.train_seconds:.0f} s",
-        f"- reference: {trainer.reference.kind if trainer.reference else 'none (reference-free method)'}",
-        f"- policy: {'LoRA ' + str(config.model.lora.model_dump()) if config.model.lora else 'full fine-tune'}",
+        f"- data: {config.get('data', {}).get('train_file')} → {len(last_rows or [])} validation examples "
+        f"(data_report.txt says what was loaded)",
+        f"- steps: {identity.get('steps', len(records.train_rows))} ({train_examples:.0f} examples) in "
+        f"{identity.get('train_seconds', 0):.0f} s",
+        f"- policy: {'LoRA ' + str(lora) if lora else 'full fine-tune'}",
         "",
     ]
-    before, after = result.first_eval, result.final_eval
     if after is not None:
         lines += ["## Validation, before → after", "", "| metric | before | after | change | wanted |", "|---|---|---|---|---|"]
         verdicts = []
-        all_tied = _all_margins_tied(trainer.first_eval_per_pair)
+        all_tied = _all_margins_tied(first_rows)
         for key, label, wanted in ROWS:
             if key not in after:
                 continue
-            start = before.get(key) if before else None
+            start = before.get(key) if before is not after else None
             end = after[key]
             if key in RANKING_ROWS and all_tied:
                 # Before training the policy IS the reference: every implicit-reward margin is 0 (up to float noise),
@@ -143,7 +139,7 @@ def write_report(trainer, result) -> Path:
                 moved_right = (end > start) if wanted == "higher" else (end < start)
                 verdicts.append(f"- {'✓' if moved_right else '✗'} {label} {'rose' if end > start else 'fell'}")
         lines += ["", *verdicts, ""]
-    train_metrics = [m for m in metrics if "loss" in m]
+    train_metrics = [m for m in records.train_rows if "loss" in m]
     if train_metrics:
         lines += [
             "## Training",
@@ -152,29 +148,26 @@ def write_report(trainer, result) -> Path:
             f"- throughput: {_throughput(train_metrics):.2f} pairs/s (optimiser steps only; evaluation and checkpoints excluded)",
             "",
         ]
-    lines += _lagrangian_lines(trainer)
+    method = get_method(records.method)
+    if method.report_section is not None:
+        lines += method.report_section(records)
     lines += ["## Alerts", ""]
     lines += [f"- step {a['step']}: {a['kind']}: {a['message']}" for a in alerts] or ["- none"]
     plots = []
-    if trainer.last_eval_per_pair is not None and "rewards/margins" in trainer.last_eval_per_pair:
-        first = trainer.first_eval_per_pair if trainer.first_eval_per_pair is not trainer.last_eval_per_pair else None
-        plots.append(
-            plot_margin_histogram(
-                first["rewards/margins"] if first is not None else None,
-                trainer.last_eval_per_pair["rewards/margins"],
-                run_dir / "plots" / "margins.png",
-            )
-        )
-    curves = plot_training_curves(metrics, run_dir / "plots" / "training.png")
+    last_margins = _margins(last_rows)
+    if last_margins is not None:
+        first_margins = _margins(first_rows) if first_rows is not last_rows else None
+        plots.append(plot_margin_histogram(first_margins, last_margins, run_dir / runfolder.PLOTS / "margins.png"))
+    curves = plot_training_curves(metrics, run_dir / runfolder.PLOTS / "training.png")
     if curves is not None:
         plots.append(curves)
     lines += ["", "## Files", ""]
     lines += [
-        "- `metrics.jsonl`, `alerts.jsonl`, `tensorboard/`: every logged number",
+        "- `metrics.jsonl`, `alerts.jsonl`, `tensorboard/`: every logged number; `evaluations/step-N.jsonl`: every validation example",
         "- `final/adapter/`: the trained adapter (or weights); `final/merged/`: a plain model folder for `AutoModelForCausalLM.from_pretrained`",
         "- `checkpoints/`: resumable with `--set resume_from=latest`",
         *[f"- `{p.relative_to(run_dir)}`" for p in plots],
     ]
-    path = run_dir / "summary.md"
+    path = run_dir / runfolder.SUMMARY
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -31,7 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from preftune.atomic import atomic_write_text
+from preftune.atomic import atomic_file, atomic_write_text
 from preftune.data.collate import PackedBatch
 from preftune.errors import PreftuneError
 from preftune.logprobs.engine import SequenceLogps
@@ -187,15 +185,8 @@ class ReferenceLogpsCache:
 
 
 def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    descriptor, staging = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(descriptor)
-    try:
+    with atomic_file(path) as staging:
         save_file(tensors, staging, metadata=metadata)
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
-
 
 
 def open_reference_cache(
