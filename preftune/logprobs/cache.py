@@ -33,6 +33,7 @@ from preftune.atomic import atomic_file, atomic_write_text
 from preftune.data.collate import PackedBatch
 from preftune.errors import PreftuneError
 from preftune.logprobs.engine import SequenceLogps
+from preftune.settings import cache_root
 
 # Bump when the engine's definition of an answer log-prob changes: older entries then miss.
 CACHE_FORMAT = "preftune-reference-logps-1"
@@ -193,7 +194,6 @@ def open_reference_cache(
     model: torch.nn.Module, *, root: str | Path | None = None, mixed_precision: str = "no"
 ) -> ReferenceLogpsCache:
     """The cache for the reference `model` computes under `mixed_precision`; `root` default: $PREFTUNE_CACHE/reference-logps."""
-    from preftune.model.loading import cache_root  # model/ imports logprobs/: import at call time
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     settings = {

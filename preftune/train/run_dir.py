@@ -9,12 +9,13 @@ folder that holds files but no `run.json` is not a run and is never written into
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import shutil
 from pathlib import Path
 from typing import Any
 
-from preftune import __version__, runfolder
+from preftune import runfolder
 from preftune.atomic import atomic_write_json, atomic_write_text, remove_stale_staging
 from preftune.config import RunConfig, dump_config
 from preftune.errors import CheckpointError, PreftuneError
@@ -57,7 +58,7 @@ def run_identity(config: RunConfig, train: list, validation: list) -> dict[str, 
         "method": config.method_spec.name,
         "config_hash": config_hash(config),
         "data_fingerprint": f"{data_fingerprint(train)}-{data_fingerprint(validation)}",
-        "preftune_version": __version__,
+        "preftune_version": importlib.metadata.version("preftune"),
     }
 
 
