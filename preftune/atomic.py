@@ -39,12 +39,16 @@ STAGING_MARK = ".tmp-"
 
 
 def _fsync_tree(folder: Path) -> None:
-    """Flush every file (and folder entry) under `folder` to disk, so the rename publishes complete files."""
+    """Flush every file (and folder entry) under `folder` to disk, so the rename publishes complete files,
+    and give them the modes the umask asks for (libraries that write through temporary files leave 0600)."""
+    umask = _umask()
     for path in sorted(folder.rglob("*"), reverse=True):
         if path.is_file():
+            os.chmod(path, 0o666 & ~umask)
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
         elif path.is_dir():
+            os.chmod(path, 0o777 & ~umask)
             _fsync_directory(path)
     _fsync_directory(folder)
 

@@ -162,10 +162,10 @@ class Trainer:
         context = self._context(metrics)
         for controller in self.controllers:
             metrics.update(controller.before_step(context) or {})
-        if not context.skip_step:
+        if not context.skip_step:  # a skipped step moves neither the weights nor the schedule (as with AMP's skips)
             self.optimizer.step()
-        self.scheduler.step()
-        self._apply_lr_scale()
+            self.scheduler.step()
+            self._apply_lr_scale()
         self.optimizer.zero_grad(set_to_none=True)
         return metrics
 
