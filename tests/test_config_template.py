@@ -112,3 +112,79 @@ def test_the_template_trains_with_only_the_model_and_data_paths_changed(tmp_path
     state = json.loads((run / "final" / "lagrangian_state.json").read_text())
     assert [entry["step"] for entry in state["history"]] == [1, 2, 3]
     assert "loss_type: cpo" in (run / "config.yaml").read_text()
+
+
+DESIGN_TEMPLATE = """\
+preference_training:
+  model:
+    policy_path: "models/base_llm_v2"
+    reference_path: "models/base_llm_v2" # Must match policy initialization
+    freeze_reference: true
+  optimization:
+    policy_lr: 1.0e-5
+    policy_weight_decay: 0.01
+    lagrangian_lr: 0.01
+    margin_threshold: 0.1
+    gradient_clip_norm: 1.0
+    batch_size: 4
+    gradient_accumulation_steps: 8
+  constraints:
+    enforce_positive_margin: true
+    normalize_by_length: true
+    multiplier_clamp_min: 0.0
+    violation_alert_threshold: 0.05
+  monitoring:
+    track_preference_accuracy: true
+    track_margin_distribution: true
+    divergence_alert: true
+    evaluation_interval_steps: 500
+  data:
+    preference_source: "mixed_human_synthetic"
+    human_ratio: 0.3
+    max_sequence_length: 2048
+    kl_divergence_threshold: 0.15
+"""
+
+
+def test_the_design_documents_template_verbatim_is_constrained_dpo_with_every_key_mapped(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="preftune.config"):
+        config = load_config(_write(tmp_path, DESIGN_TEMPLATE))
+    assert config.method.loss_type == "cpo"  # enforce_positive_margin: true
+    constraints = config.method.constraints
+    assert (constraints.lagrangian_lr, constraints.margin_threshold, constraints.length_normalize) == (0.01, 0.1, True)
+    assert constraints.violation_alert == 0.05
+    training = config.training
+    assert (training.learning_rate, training.weight_decay, training.max_grad_norm) == (1e-5, 0.01, 1.0)
+    assert (training.per_device_train_batch_size, training.gradient_accumulation_steps, training.eval_steps) == (4, 8, 500)
+    assert config.monitoring.negative_margin_alert == 0.15
+    assert config.data.max_length == 2048
+    assert "the template names no data files; give them as data.train_file" in caplog.text
+
+
+def test_every_problem_of_a_template_is_reported_at_once(tmp_path):
+    broken = (
+        DESIGN_TEMPLATE.replace("policy_lr:", "policy_lrr:")
+        .replace("multiplier_clamp_min: 0.0", "multiplier_clamp_min: 0.5")
+        .replace('reference_path: "models/base_llm_v2"', 'reference_path: "models/other"')
+    )
+    with pytest.raises(ConfigError) as raised:
+        load_config(_write(tmp_path, broken))
+    message = str(raised.value)
+    assert "3 problem(s)" in message
+    assert "optimization.policy_lrr: unknown key" in message
+    assert "multiplier_clamp_min: 0.5" in message and "reference_path" in message
+
+
+def test_the_design_template_trains_as_written_with_only_paths_changed(tmp_path, monkeypatch):
+    model_dir = save_tiny_model(tmp_path / "tiny-model")
+    for split, pairs in (("train", 12), ("validation", 4)):
+        shortest = sorted((EMBEDDED_HH / f"{split}.jsonl").read_text(encoding="utf-8").splitlines(), key=len)[:pairs]
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(shortest) + "\n", encoding="utf-8")
+    text = DESIGN_TEMPLATE.replace('"models/base_llm_v2"', f'"{model_dir}"').replace(
+        "  data:\n", f'  data:\n    train_file: "{tmp_path / "train.jsonl"}"\n    validation_file: "{tmp_path / "validation.jsonl"}"\n'
+    )
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", str(_write(tmp_path, text))]) == 0
+    run = tmp_path / "runs" / "preftune"
+    assert "loss_type: cpo" in (run / "config.yaml").read_text()
+    assert json.loads((run / "final" / "lagrangian_state.json").read_text())["history"]
