@@ -226,3 +226,24 @@ def test_chat_format_without_a_chat_template_says_how_to_fix_it(tmp_path, metasp
     for tokenizer in (None, metaspace_tokenizer):
         with pytest.raises(DataError, match=r"need a tokenizer with a chat template.*tokenizer\.chat_template"):
             load_pairs(path, tokenizer=tokenizer)
+
+
+def test_the_shipped_readme_lists_exactly_the_records_skipped(hh_train_path, hh_validation_path):
+    readme = (hh_train_path.parent / "README.md").read_text(encoding="utf-8")
+    documented = {
+        (name, int(line), reason) for name, line, reason in re.findall(r"^\| (\w+\.jsonl) \| (\d+) \| (\w+) \|", readme, flags=re.MULTILINE)
+    }
+    skipped = set()
+    for path in (hh_train_path, hh_validation_path):
+        _, report = load_pairs(path)
+        for reason, origins in report.skipped_at.items():
+            skipped |= {(path.name, int(origin.rsplit(":", 1)[1]), reason) for origin in origins}
+    assert documented == skipped and len(skipped) == 9
+
+
+@pytest.mark.parametrize(("split", "line", "reason"), [("train", 70, "empty_answer"), ("validation", 152, "no_shared_prompt")])
+def test_skip_invalid_false_stops_at_the_first_documented_record(split, line, reason, hh_train_path, hh_validation_path):
+    path = {"train": hh_train_path, "validation": hh_validation_path}[split]
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:{line}: .*\[{reason}\]") as caught:
+        load_pairs(path, skip_invalid=False)
+    assert caught.value.line == line

@@ -3,8 +3,8 @@
 For each format, its required fields are matched to the record's fields by, in order: the same
 name (or the format's own alias, e.g. ShareGPT's `conversations`), a close spelling
 (`difflib`), a common synonym (`question` → prompt), then any remaining field of the right JSON
-type in the record's order. The closest format fills the most of its fields (a missing one
-costs half a match); ties go to the format listed first.
+type in the record's order that is not named for another role. The closest format fills the
+most of its fields (a missing one costs half a match); ties go to the format listed first.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
-from preftune.data.fields import CLOSE_MATCH_CUTOFF
+from preftune.data.fields import CLOSE_MATCH_CUTOFF, COLUMN_NAMES
 
 # format -> its required fields as (preftune name, JSON type); in detection-priority order.
 FORMAT_FIELDS: dict[str, tuple[tuple[str, type], ...]] = {
@@ -37,6 +37,8 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
     "label": ("desirable", "is_good", "good", "kto_tag", "thumbs_up"),
     "messages": ("conversations", "conversation", "dialog", "dialogue", "turns", "chat"),
 }
+
+RESERVED_NAMES = set(COLUMN_NAMES) | {alias for aliases in FORMAT_ALIASES.values() for alias in aliases.values()}
 
 
 def closest_format(value: dict[str, Any]) -> tuple[str, dict[str, str], list[str]]:
@@ -91,8 +93,10 @@ def _match(name: str, value: dict[str, Any]) -> tuple[dict[str, str], list[str]]
             if synonyms:
                 found[field] = synonyms[0]
     for field, kind in wanted:
-        if field not in found and free(kind):
-            found[field] = free(kind)[0]
+        # A field already named for another role (e.g. "rejected") is never taken as the prompt.
+        anonymous = [key for key in free(kind) if key not in RESERVED_NAMES]
+        if field not in found and anonymous:
+            found[field] = anonymous[0]
     ordered = {field: found[field] for field, _ in wanted if field in found}
     return ordered, [field for field, _ in wanted if field not in found]
 
