@@ -278,18 +278,27 @@ def test_provenance_is_read_and_checked(tmp_path):
         {"prompt": "Q?", "chosen": " a", "rejected": " b", "provenance": "synthetic"},
         {"prompt": "Q?", "chosen": " a", "rejected": " b"},
         {"prompt": "Q?", "chosen": " a", "rejected": " b", "provenance": "robot"},
+        {"prompt": "Q?", "chosen": " a", "rejected": " b", "source": "human"},
+        {"prompt": "Q?", "chosen": " a", "rejected": " b", "source": "evol_instruct"},  # a dataset name, not a provenance
     ]
     pairs, report = load_pairs(write_jsonl(tmp_path / "p.jsonl", records))
-    assert [pair.provenance for pair in pairs] == ["synthetic", None]
+    assert [pair.provenance for pair in pairs] == ["synthetic", None, "human", None]
     assert report.skipped == {"wrong_type": 1}
     tokenized, _ = tokenize_examples(pairs, load_test_tokenizer(), max_length=32)
-    assert [example.provenance for example in tokenized] == ["synthetic", None]
+    assert [example.provenance for example in tokenized] == ["synthetic", None, "human", None]
 
 
 def test_prompt_only_files(tmp_path, bytebpe_tokenizer):
-    records = [{"prompt": "Write a haiku."}, {"prompt": [{"role": "user", "content": "Hi"}]}, {"prompt": "  "}]
+    hi = {"role": "user", "content": "Hi"}
+    records = [
+        {"prompt": "Write a haiku."},
+        {"prompt": [hi]},
+        {"messages": [hi]},
+        {"prompt": "  "},
+        {"messages": [hi, {"role": "assistant", "content": "Hello"}]},
+    ]
     examples, report = load_examples(write_jsonl(tmp_path / "prompts.jsonl", records), tokenizer=bytebpe_tokenizer)
-    assert report.format == "prompts" and report.skipped == {"empty_prompt": 1}
-    assert [(e.prompt, e.answers) for e in examples] == [("Write a haiku.", ()), (chatml(("user", "Hi")), ())]
+    assert report.format == "prompts" and report.skipped == {"empty_prompt": 1, "no_turn_to_answer": 1}
+    assert [(e.prompt, e.answers) for e in examples] == [("Write a haiku.", ()), (chatml(("user", "Hi")), ()), (chatml(("user", "Hi")), ())]
     with pytest.raises(DataError, match=r"holds prompts \(format prompts\), but this needs preference pairs"):
         load_pairs(tmp_path / "prompts.jsonl", tokenizer=bytebpe_tokenizer)

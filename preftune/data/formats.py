@@ -26,9 +26,11 @@ unpaired (K = 1 answer with a label)
   `{"role", "content"}` or `{"from", "value"}`.
 
 prompt only (K = 0, for methods that generate their answers)
-- `prompts`: `{"prompt": str}`, or `prompt` a message list rendered with the generation prompt.
+- `prompts`: `{"prompt": str}`, or `prompt` (or `messages`) a message list rendered with the
+  generation prompt; the messages end with the turn to answer.
 
-Any record may carry `provenance: "human" | "synthetic"`. `data.columns` (preftune name → the
+Any record may carry `provenance: "human" | "synthetic"` (or `source` with one of those values;
+another `source`, e.g. a dataset name, is not a provenance and is ignored). `data.columns` (preftune name → the
 file's field name, for prompt/chosen/rejected/completion/label/messages) renames fields before
 detection, for files that use other names.
 
@@ -195,7 +197,7 @@ def detect_format(value: Any) -> str | None:
         return "sharegpt_kto"
     if "completion" in value and "label" in value:
         return "kto"
-    if "prompt" in value and not _has_answer_like_field(value):
+    if ("prompt" in value or isinstance(conversation, list)) and not _has_answer_like_field(value):
         return "prompts"
     return None
 
@@ -261,6 +263,8 @@ def skip_as_error(record: RawRecord, skip: SkipRecord, columns: dict[str, str] |
 
 def _provenance(value: dict[str, Any]) -> str | None:
     provenance = value.get("provenance")
+    if provenance is None and value.get("source") in PROVENANCES:
+        return value["source"]
     if provenance is not None and provenance not in PROVENANCES:
         raise SkipRecord("wrong_type", f"expected one of {', '.join(PROVENANCES)}, got {provenance!r}", "provenance")
     return provenance
@@ -373,6 +377,11 @@ def _unpaired(prompt: str, completion: str, label: bool, field: str) -> Example:
 
 
 def _parse_prompts(value: dict[str, Any], tokenizer, path: str) -> Example:
+    if "prompt" not in value and "messages" in value:
+        messages = _system_turn(value) + message_list(value, "messages")
+        if not messages or messages[-1]["role"] == "assistant":
+            raise SkipRecord("no_turn_to_answer", "the messages must end with the turn to answer, not an assistant turn", "messages")
+        return Example(render_prompt(tokenizer, messages, path), ())
     prompt = required_field(value, "prompt", (str, list))
     if isinstance(prompt, list):
         prompt = render_prompt(tokenizer, message_list(value, "prompt"), path)
