@@ -260,9 +260,11 @@ def test_a_file_that_changes_format_midway_says_so(tmp_path):
 
 
 def test_a_record_missing_a_field_of_its_own_format_is_not_a_format_change(tmp_path):
-    records = [{"prompt": "Q?", "chosen": " a", "rejected": " b"}, {"prompt": "Q?", "chosen": " a"}]
-    _, report = load_pairs(write_jsonl(tmp_path / "pairs.jsonl", records))
-    assert report.skipped == {"missing_field": 1}
+    # The third record reads like hh_rlhf (chosen and rejected, no prompt), but it is a pair without its prompt.
+    records = [{"prompt": "Q?", "chosen": " a", "rejected": " b"}, {"prompt": "Q?", "chosen": " a"}, {"chosen": " a", "rejected": " b"}]
+    path = write_jsonl(tmp_path / "pairs.jsonl", records)
+    _, report = load_pairs(path)
+    assert report.skipped_at == {"missing_field": [f"{path}:2", f"{path}:3"]}
 
 
 def test_a_forced_wrong_format_names_the_records_own(hh_validation_path):

@@ -297,6 +297,9 @@ def test_a_cut_prompt_keeps_the_same_tokens_as_the_whole_one(name, request):
     assert tokenized.prompt_ids == full_prompt[:keep] + full_prompt[len(full_prompt) - (32 - keep) :]
     assert tokenized.chosen_ids == full_chosen[: 64 - 32]
     assert report.prompt_truncated == 1
+    # The boundary contract holds across the cut: the kept ids spell the end of prompt + answer.
+    spelled = decode(tokenizer, without_bos(tokenizer, tokenized.prompt_ids) + tokenized.chosen_ids)
+    assert (prompt + chosen + tokenizer.eos_token).endswith(spelled) and len(spelled) > 100
 
 
 def test_a_one_megabyte_prompt_is_tokenised_only_near_its_end(bytebpe_tokenizer):

@@ -70,7 +70,7 @@ from preftune.data.fields import (
     require_object,
     required_field,
 )
-from preftune.data.hints import unknown_format_message
+from preftune.data.hints import FORMAT_FIELDS, unknown_format_message
 from preftune.data.readers import RawRecord, read_records
 from preftune.data.records import PROVENANCES, Example, LoadReport
 from preftune.errors import ConfigError, DataError
@@ -86,7 +86,6 @@ FORMAT_KINDS = {
     "prompts": PROMPT_ONLY,
 }
 FORMATS = tuple(FORMAT_KINDS)
-PAIRED_FORMATS = tuple(name for name, kind in FORMAT_KINDS.items() if kind == PAIRED)
 UNITS = {PAIRED: "preference pairs", UNPAIRED: "unpaired examples", PROMPT_ONLY: "prompts"}
 HH_ASSISTANT_MARKER = "\n\nAssistant:"
 SHAREGPT_ROLES = {
@@ -231,11 +230,17 @@ def _format_change(skip: SkipRecord, value: Any, format: str, first: RawRecord) 
     other = detect_format(value)
     if other is None or other == format:
         return skip
+    if skip.reason == "missing_field" and _field_names(other) <= _field_names(format):
+        return skip  # a record of this format lacking a field (a pair without its prompt reads like hh_rlhf)
     return SkipRecord(
         "format_changed",
         f"this record is in format {other}, but the file started in format {format} ({first.source}); "
         "a file holds records of one format",
     )
+
+
+def _field_names(format: str) -> set[str]:
+    return {name for name, _ in FORMAT_FIELDS[format]}
 
 
 def _why_nothing(format: str, first_unknown: str | None, path: str | Path) -> str:
@@ -315,10 +320,11 @@ def _pair_scores(value: dict[str, Any]) -> tuple[float, float] | None:
 
 
 def _parse_sharegpt(value: dict[str, Any], tokenizer, path: str) -> Example:
-    conversation = _system_turn(value) + _sharegpt_turns(value, _conversation_field(value))
+    name = _conversation_field(value)
+    conversation = _system_turn(value) + _sharegpt_turns(value, name)
     if not conversation or conversation[-1]["role"] == "assistant":
         raise SkipRecord(
-            "no_turn_to_answer", "the conversation must end with the turn being answered (human/observation), not an assistant turn", "conversations"
+            "no_turn_to_answer", "the conversation must end with the turn being answered (human/observation), not an assistant turn", name
         )
     chosen, rejected = (_sharegpt_answer(value, name) for name in ("chosen", "rejected"))
     return _pair(render_prompt(tokenizer, conversation, path), chosen, rejected)
