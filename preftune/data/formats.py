@@ -260,10 +260,10 @@ def _why_nothing(format: str, first_unknown: str | None, path: str | Path) -> st
 
 def skip_as_error(record: RawRecord, skip: SkipRecord, columns: dict[str, str] | None = None) -> DataError:
     """The `DataError` for a skipped record, naming the file's own field when `data.columns` renamed it."""
-    field, message = skip.field, f"{skip.message} [{skip.reason}]"
-    if columns and field in columns:
-        field, message = columns[field], f"{message} (data.columns.{field} names it)"
-    return record.error(message, field=field)
+    message = f"{skip.message} [{skip.reason}]"
+    if columns and skip.field in columns:
+        return record.error(f"{message} (data.columns.{skip.field} names it)", field=columns[skip.field])
+    return record.error(message, field=skip.field)
 
 
 def _provenance(value: dict[str, Any]) -> str | None:
