@@ -1,14 +1,18 @@
-"""Tokenisation: the exact prompt/answer boundary, BOS/EOS rules, and the over-long policy."""
+"""Tokenisation: the exact prompt/answer boundary, BOS/EOS rules, the over-long policy, one path for K answers, long texts cut first."""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
 from tokenizers import normalizers
 from transformers import AutoTokenizer
 
+from preftune.config import DataSettings
 from preftune.data import Example, load_pairs, tokenize_answer_boundary, tokenize_examples, tokenize_pairs
+from preftune.data.pipeline import prepare_examples
 from preftune.errors import ConfigError, DataError, PreftuneError
 
 TOKENIZERS_DIR = Path(__file__).resolve().parent / "assets" / "tokenizers"
@@ -347,3 +351,16 @@ def test_a_cut_prompt_keeps_the_bos_its_chat_template_wrote(metaspace_tokenizer)
     bos = metaspace_tokenizer.bos_token_id
     assert full_prompt.count(bos) == 1 and tokenized.prompt_ids.count(bos) == 1
     assert tokenized.prompt_ids == [bos] + full_prompt[-31:]
+
+
+def test_the_pipeline_counts_or_stops_on_an_untokenizable_answer(tmp_path, nfc_tokenizer):
+    records = [{"prompt": f"Q{i}: coffee?\nA:", "chosen": " yes", "rejected": " no"} for i in range(3)]
+    records.append({"prompt": "Q: name a drink\nA: cafe", "chosen": "\u0301 au lait", "rejected": " tea"})
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    settings = DataSettings(train_file=str(path), validation_file=None, validation_split=0, max_length=64)
+    data = prepare_examples(settings, nfc_tokenizer, seed=0, paired=True)
+    assert len(data.train) == 3
+    assert "train: tokenized examples: kept 3, " in data.summary() and f"untokenizable_answer 1 (e.g. {path}:4)" in data.summary()
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:4: cannot tokenize the answer"):
+        prepare_examples(settings.model_copy(update={"skip_invalid": False}), nfc_tokenizer, seed=0, paired=True)
