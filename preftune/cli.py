@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("input", help="a JSONL/JSON/Parquet file of pairs, or an embedded dataset 'name:split'")
     convert.add_argument("output", help="the JSONL file to write")
     convert.add_argument("--to", required=True, choices=["kto"], help="target format")
-    convert.add_argument("--format", default="auto", choices=["auto", "pairs", "chat", "hh_rlhf"], help="input format")
+    convert.add_argument("--format", default="auto", choices=["auto", "pairs", "chat", "hh_rlhf", "sharegpt"], help="input format")
     convert.add_argument("--tokenizer", help="model name or folder whose chat template renders chat-format prompts")
     return parser
 

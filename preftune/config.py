@@ -51,8 +51,14 @@ class DataSettings(_Section):
         "hh-rlhf-harmless:validation", description="null = hold out `validation_split` of the train file"
     )
     validation_split: float | int = Field(0.1, description="fraction (0-1) or count held out when validation_file is null")
-    format: Literal["auto", "pairs", "chat", "hh_rlhf", "kto"] = Field(
-        "auto", description="kto = unpaired {prompt, completion, label} records (loss_type kto only)"
+    format: Literal["auto", "pairs", "chat", "hh_rlhf", "sharegpt", "kto", "sharegpt_kto"] = Field(
+        "auto",
+        description="kto/sharegpt_kto = unpaired records (loss_type kto only); see preftune/data/formats.py",
+    )
+    columns: dict[str, str] | None = Field(
+        None,
+        description="preftune's field names (prompt, chosen, rejected, completion, label, messages) -> the file's, "
+        "e.g. {prompt: question, chosen: good, rejected: bad}",
     )
     skip_invalid: bool = Field(True, description="skip bad records with a counted reason instead of stopping")
     max_train_samples: int | None = Field(None, ge=1)
