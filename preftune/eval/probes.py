@@ -240,7 +240,8 @@ def run_probes(
     else:
         reference_logps, kind = model_logps(model, chunk_size=chunk_size), "the model itself (no adapter and no --reference)"
     before = score_probes(reference_logps, probes, pad_id=pad_id, device=device, batch_size=batch_size)
-    after = score_probes(model_logps(model, chunk_size=chunk_size), probes, pad_id=pad_id, device=device, batch_size=batch_size)
+    scored_by_itself = reference is None and not is_lora(model)
+    after = before if scored_by_itself else score_probes(model_logps(model, chunk_size=chunk_size), probes, pad_id=pad_id, device=device, batch_size=batch_size)
     results = [ProbeResult(probe, ref, trained) for probe, ref, trained in zip(probes, before, after)]
     return ProbeTable(results, model=model_name, reference=kind)
 
