@@ -3,6 +3,7 @@ import json
 import re
 
 import pytest
+import yaml
 
 from preftune.cli import main
 from preftune.eval.html_report import (
@@ -138,3 +139,18 @@ def test_report_command(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nowhere")]) == 2
     with pytest.raises(RunFolderError):
         build_report(tmp_path / "nowhere")
+
+
+def test_the_report_judges_alerts_with_the_runs_own_thresholds(tmp_path):
+    from preftune.eval.html_report import alert_settings
+
+    run_dir = write_synthetic_run(tmp_path / "run", probes=False)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    config["monitoring"] = {"negative_margin_alert": 0.4}
+    config["method"]["constraints"]["violation_alert"] = 0.05
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    settings = alert_settings(read_run(run_dir))
+    assert (settings.alert_negative_margin_ratio, settings.alert_constraint_violation_ratio) == (0.4, 0.05)
+    summary = build_report(run_dir).summary.read_text(encoding="utf-8")
+    assert "**negative_margin**" not in summary  # 30% negative margins are under this run's 40%
+    assert "(margin < τ; alert above 5%)" in summary

@@ -390,9 +390,16 @@ def _alert_lines(row: Mapping[str, Any]) -> list[str]:
 
 
 def alert_settings(records: RunRecords) -> AlertSettings:
-    """Defaults, overridden by any `monitoring:` keys of the config that are alert settings."""
+    """Defaults, overridden by the run's own thresholds: `monitoring.negative_margin_alert`, CPO's
+    `method.constraints.violation_alert`, and any `monitoring:` key named like an AlertSettings field."""
     monitoring = records.config.get("monitoring") or {}
-    return AlertSettings(**{key: value for key, value in monitoring.items() if key in AlertSettings.model_fields})
+    constraints = records.config.get("method", {}).get("constraints") or {}
+    values = {key: value for key, value in monitoring.items() if key in AlertSettings.model_fields}
+    if monitoring.get("negative_margin_alert") is not None:
+        values.setdefault("alert_negative_margin_ratio", monitoring["negative_margin_alert"])
+    if constraints.get("violation_alert") is not None:
+        values.setdefault("alert_constraint_violation_ratio", constraints["violation_alert"])
+    return AlertSettings(**values)
 
 
 def alerts_section(records: RunRecords) -> ReportSection:
