@@ -16,6 +16,20 @@ EVALUATION_STEPS = (0, 4, 8)
 BETA = 0.1
 TAU = 0.1
 HOSTILE_TEXT = "<script>alert('x')</script>"
+# The report sections this run produces, in order.
+SECTIONS = [
+    "Verdict",
+    "Run config",
+    "Data audit",
+    "Validation, before → after",
+    "Training curves",
+    "Reward margins over time",
+    "CPO constraint (constrained DPO)",
+    "Alerts",
+    "Probes",
+    "Timing and memory",
+    "Files",
+]
 
 
 def _evaluation_rows(step: int, rng: np.random.Generator) -> list[dict]:

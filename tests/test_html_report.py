@@ -15,21 +15,8 @@ from preftune.eval.html_report import (
     register_section,
 )
 from preftune.runfolder import read_run
-from tests.synthetic_run import HOSTILE_TEXT, write_synthetic_run
+from tests.synthetic_run import HOSTILE_TEXT, SECTIONS, write_synthetic_run
 
-SECTIONS = [
-    "Verdict",
-    "Run config",
-    "Data audit",
-    "Validation, before → after",
-    "Training curves",
-    "Reward margins over time",
-    "CPO constraint (constrained DPO)",
-    "Alerts",
-    "Probes",
-    "Timing and memory",
-    "Files",
-]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

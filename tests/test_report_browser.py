@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from preftune.eval.html_report import build_report
-from tests.synthetic_run import write_synthetic_run
-from tests.test_html_report import SECTIONS
+from tests.synthetic_run import SECTIONS, write_synthetic_run
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed (pip install playwright)")
 
