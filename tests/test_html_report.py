@@ -85,6 +85,7 @@ def test_alerts_probes_cpo_timing_and_data_audit(report):
     summary = paths.summary.read_text(encoding="utf-8")
     assert "**negative_margin_alert**" in summary and "what it means:" in summary and "what to try:" in summary
     assert "**constraint_violation**: 30.0% of validation pairs" in summary
+    assert "Alerts: 1 during training, 2 on the finished metric streams (see Alerts)." in summary
     assert "1 of 2 (dev 1/1, heldout 0/1)" in summary
     assert "λ at the end: 0.4" in summary and "τ (effective margin threshold): 0.1" in summary
     assert "throughput: 2.00 pairs/s over 8 optimiser steps" in summary and "peak rss gb: 1.75" in summary

@@ -35,7 +35,7 @@ import yaml
 
 from preftune.atomic import atomic_write_text
 from preftune.errors import PreftuneError
-from preftune.eval.alerts import GUIDANCE, AlertSettings, evaluate_alerts
+from preftune.eval.alerts import GUIDANCE, Alert, AlertSettings, evaluate_alerts
 from preftune.eval.evaluate import TIE_TOLERANCE
 from preftune.eval.plots import plot_constraint_terms, plot_margin_evolution, plot_training_curves
 from preftune.eval.probes import PROBES_FILE, render_probe_rows
@@ -219,9 +219,12 @@ def judge_before_after(records: RunRecords) -> tuple[list[Judged], int, int] | N
 # Sections
 
 
-def verdict_section(records: RunRecords, table: tuple[list[Judged], int, int] | None) -> ReportSection:
-    alerts = len(records.alerts)
-    alert_text = f"{alerts} alert{'s' if alerts != 1 else ''} during training (see Alerts)." if alerts else "No alerts during training."
+def verdict_section(records: RunRecords, table: tuple[list[Judged], int, int] | None, judged_alerts: Sequence[Alert]) -> ReportSection:
+    during, after = len(records.alerts), len(judged_alerts)
+    alert_text = (
+        f"Alerts: {during} during training, {after} on the finished metric streams (see Alerts)."
+        if during or after else "No alerts, during training or on the finished metric streams."
+    )
     if table is None:
         return ReportSection("Verdict", [f"**Not judged**: this run folder holds {len(records.evaluations)} evaluation(s); a before → after verdict needs two. {alert_text}"])
     judged, first, last = table
@@ -380,7 +383,9 @@ def before_after_section(table: tuple[list[Judged], int, int] | None) -> ReportS
 
 
 def _alert_lines(row: Mapping[str, Any]) -> list[str]:
-    means, to_try = GUIDANCE.get(str(row.get("kind")), (row.get("what_it_means"), row.get("what_to_try")))
+    means, to_try = row.get("what_it_means"), row.get("what_to_try")
+    if not means and not to_try:
+        means, to_try = GUIDANCE.get(str(row.get("kind")), (None, None))
     lines = [f"- step {row.get('step', '?')} · **{row.get('kind', '?')}**: {row.get('message', '')}"]
     if means:
         lines.append(f"    - what it means: {means}")
@@ -402,13 +407,12 @@ def alert_settings(records: RunRecords) -> AlertSettings:
     return AlertSettings(**values)
 
 
-def alerts_section(records: RunRecords) -> ReportSection:
+def alerts_section(records: RunRecords, judged: Sequence[Alert]) -> ReportSection:
     lines = ["During training (`alerts.jsonl`):", ""]
     for row in records.alerts:
         lines += _alert_lines(row)
     if not records.alerts:
         lines.append("- none")
-    judged = evaluate_alerts(records.metrics, alert_settings(records), evaluations=records.evaluations)
     lines += ["", "Judged again on the finished metric streams:", ""]
     for alert in judged:
         lines += _alert_lines(alert.to_row())
@@ -568,15 +572,16 @@ def render_html(title: str, sections: Sequence[ReportSection]) -> str:
 
 def build_sections(records: RunRecords) -> list[ReportSection]:
     table = judge_before_after(records)
+    judged_alerts = evaluate_alerts(records.metrics, alert_settings(records), evaluations=records.evaluations)
     sections = [
-        verdict_section(records, table),
+        verdict_section(records, table, judged_alerts),
         config_section(records),
         data_audit_section(records),
         before_after_section(table),
         curves_section(records),
         margins_section(records),
         *method_sections(records),
-        alerts_section(records),
+        alerts_section(records, judged_alerts),
         probes_section(records),
         timing_section(records),
     ]
