@@ -254,7 +254,7 @@ def config_section(records: RunRecords) -> ReportSection:
     model = config.get("model", {})
     data = config.get("data", {})
     lora = model.get("lora")
-    train_steps = [row["step"] for row in records.train_rows if "step" in row]
+    train_steps = [row["step"] for row in records.train_rows if "loss" in row]  # controllers also log rows without a loss
     lines = [
         f"- method: `{records.method}`",
         f"- model: `{model.get('name_or_path', '?')}` ({'LoRA ' + json.dumps(lora, sort_keys=True) if lora else 'full fine-tune'})",
