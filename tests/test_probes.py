@@ -107,6 +107,7 @@ def test_probe_command_with_a_separate_reference(tmp_path, capsys):
 
 
 def test_probe_command_on_a_lora_adapter_folder_uses_the_adapter_disabled_base_as_reference(tmp_path):
+    from preftune.model.export import save_adapter
     from preftune.model.loading import load_model
 
     base_dir = save_tiny_model(tmp_path / "base", seed=3)
@@ -115,7 +116,7 @@ def test_probe_command_on_a_lora_adapter_folder_uses_the_adapter_disabled_base_a
         for name, parameter in policy.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0.0, 0.5)
-    policy.save_pretrained(tmp_path / "adapter")
+    save_adapter(policy, load_test_tokenizer(), tmp_path / "adapter")  # what a run writes to final/adapter/
     probes = tmp_path / "probes.jsonl"
     probes.write_text(SHIPPED_PROBES.read_text(encoding="utf-8").splitlines()[0] + "\n", encoding="utf-8")
     output = tmp_path / "probes.json"

@@ -172,7 +172,7 @@ def load_probes(path: str | Path, tokenizer, *, max_length: int = DEFAULT_MAX_LE
 
 
 def load_trained_model(name_or_path: str, *, dtype: str = "float32") -> tuple[torch.nn.Module, str]:
-    """A trained model and where its tokenizer is: a LoRA adapter folder (`adapter_config.json`, e.g.
+    """A trained model and the model its tokenizer loads from: a LoRA adapter folder (`adapter_config.json`, e.g.
     `final/adapter/`) is loaded onto its base model as a peft model, anything else with `load_model`."""
     folder = Path(name_or_path).expanduser()
     if not (folder / "adapter_config.json").is_file():
@@ -181,8 +181,8 @@ def load_trained_model(name_or_path: str, *, dtype: str = "float32") -> tuple[to
     if not base:
         raise ModelError(f"{folder}/adapter_config.json names no base_model_name_or_path; pass the merged model (final/merged) instead")
     model = PeftModel.from_pretrained(load_model(base, dtype=dtype), str(folder), is_trainable=False)
-    tokenizer_source = str(folder) if (folder / "tokenizer_config.json").is_file() else base
-    return model, tokenizer_source
+    # The adapter folder's tokenizer copy is the base's; only the base is a loadable model folder.
+    return model, base
 
 
 LogpsFunction = Callable[[PackedBatch], SequenceLogps]
