@@ -77,6 +77,9 @@ def test_scores_and_the_bar_by_hand():
     assert not ProbeResult(_probe(), reference, worse_chosen).met_bar
     close = ProbeScores(-4.0, -7.0, 2, 5)  # σ(−3) = 4.7% > 1%
     assert not ProbeResult(_probe(), reference, close).met_bar
+    # log p(y_w)/token −3 → −2.995 is a rise of 0.005 nats, under CHOSEN_MIN_RISE (0.01): noise, not a rise.
+    assert not ProbeResult(_probe(), reference, ProbeScores(-5.99, -20.0, 2, 5)).met_bar
+    assert ProbeResult(_probe(), reference, ProbeScores(-5.96, -20.0, 2, 5)).met_bar
     assert ProbeScores(0.0, -2000.0, 1, 1).rejected_pair_prob == 0.0
     assert ProbeScores(-2000.0, 0.0, 1, 1).rejected_pair_prob == 1.0
 
