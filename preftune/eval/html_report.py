@@ -41,7 +41,6 @@ from preftune.eval.plots import plot_constraint_terms, plot_margin_evolution, pl
 from preftune.eval.probes import PROBES_FILE, render_probe_rows
 from preftune.eval.stats import (
     Interval,
-    mean_difference_interval,
     paired_bootstrap,
     proportion_interval,
     verdict_from_interval,
