@@ -99,6 +99,11 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         staging.write_text(text, encoding="utf-8")
 
 
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_file(path) as staging:
+        staging.write_bytes(data)
+
+
 def _umask() -> int:
     current = os.umask(0o022)
     os.umask(current)

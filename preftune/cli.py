@@ -56,8 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arguments(config)
     config.add_argument("--method", help="print the library defaults for this loss_type, with descriptions")
 
-    report = commands.add_parser("report", help="rebuild summary.md and plots of a run folder from its files alone")
-    report.add_argument("run_dir", help="a run folder written by `preftune train`")
 
     commands.add_parser("losses", help="list the available loss_type values")
 
@@ -74,7 +72,35 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--to", required=True, choices=["kto"], help="target format")
     convert.add_argument("--format", default="auto", choices=["auto", "pairs", "chat", "hh_rlhf", "sharegpt"], help="input format")
     convert.add_argument("--tokenizer", help="model name or folder whose chat template renders chat-format prompts")
+
+    probe = commands.add_parser(
+        "probe", help="score probe prompts (safe vs unsafe answer) under the reference and the trained model"
+    )
+    probe.add_argument("--model", default="smollm2-135m", help="a model folder, a LoRA adapter folder (final/adapter) or an embedded model")
+    probe.add_argument("--reference", help="a separate reference model folder (default: the adapter-disabled model)")
+    probe.add_argument("--pairs", help="a JSONL of probes {id, split, prompt, chosen, rejected} (default: the shipped harmlessness set)")
+    probe.add_argument("--output", help="also write the table as JSON here (put it in a run folder as probes.json for the report)")
+    probe.add_argument("--max-length", type=int, default=512, help="prompt + answer tokens per sequence")
+
+    report = commands.add_parser("report", help="rebuild summary.md, plots/ and report.html of a run folder from its files")
+    report.add_argument("run_dir", help="a run folder (holds config.yaml, metrics.jsonl, evaluations/)")
     return parser
+
+
+def _probe(args, console: Console) -> None:
+    from preftune.eval.probes import SHIPPED_PROBES, load_trained_model, run_probes
+    from preftune.model.loading import load_model, load_tokenizer
+
+    model, tokenizer_source = load_trained_model(args.model)
+    tokenizer = load_tokenizer(tokenizer_source)
+    reference = load_model(args.reference) if args.reference else None
+    table = run_probes(
+        model, tokenizer, reference=reference, path=args.pairs or SHIPPED_PROBES, max_length=args.max_length,
+        model_name=args.model, reference_name=args.reference or "",
+    )
+    print(table.markdown())
+    if args.output:
+        console.print(f"wrote {table.write(args.output)}")
 
 
 def _load(args):
@@ -110,15 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(dump_config(_load(args)), end="")
             else:
                 print(describe_defaults(args.method or DEFAULT_METHOD), end="")
-        elif args.command == "report":
-            from preftune.eval.report import write_report
 
-            try:
-                summary = write_report(args.run_dir)
-            except FileNotFoundError as error:
-                raise PreftuneError(str(error)) from None
-            console.print(escape(summary.read_text(encoding="utf-8")))
-            console.print(f"[bold green]report written[/]: {escape(str(summary))}")
         elif args.command == "sweep":
             from preftune.sweep import parse_values, run_sweep
 
@@ -137,6 +155,14 @@ def main(argv: list[str] | None = None) -> int:
             written, report = convert_to_kto(resolve_data_path(args.input), args.output, format=args.format, tokenizer=tokenizer)
             console.print(report.summary())
             console.print(f"wrote {written} KTO records to {args.output}")
+        elif args.command == "probe":
+            _probe(args, console)
+        elif args.command == "report":
+            from preftune.eval.html_report import build_report
+
+            paths = build_report(args.run_dir)
+            console.print(escape(paths.summary.read_text(encoding="utf-8")))
+            console.print(f"[bold green]report[/]: {escape(str(paths.html))}, {escape(str(paths.summary))}, {len(paths.plots)} plots")
         elif args.command == "losses":
             from preftune.methods import METHODS
 

@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from preftune.config import RunConfig
 from preftune.data.pipeline import prepare_examples
-from preftune.eval.report import write_report
+from preftune.eval.html_report import build_report
 from preftune.methods import DataShape
 from preftune.model.loading import load_model, load_tokenizer
 from preftune.model.lora import apply_lora
@@ -42,7 +42,7 @@ def train(config: RunConfig, *, console: Console | None = None) -> TrainResult:
     trainer = build_trainer(config, console=console)
     result = trainer.train()
     if trainer.accelerator.is_main_process:
-        report = write_report(result.run_dir)
-        trainer.console.print(f"\n[bold green]done[/]: {escape(str(report))}")
-        trainer.console.print(escape(report.read_text(encoding="utf-8")))
+        report = build_report(result.run_dir)
+        trainer.console.print(escape(report.summary.read_text(encoding="utf-8")))
+        trainer.console.print(f"\n[bold green]done[/]: {escape(str(report.html))}")
     return result

@@ -31,7 +31,7 @@ from rich.console import Console  # noqa: E402
 from preftune.atomic import atomic_write_text  # noqa: E402
 from preftune.config import RunConfig, apply_override, validate_config  # noqa: E402
 from preftune.errors import ConfigError  # noqa: E402
-from preftune.eval.report import write_report  # noqa: E402
+from preftune.eval.html_report import build_report  # noqa: E402
 from preftune.run import build_trainer  # noqa: E402
 
 COLUMNS = [
@@ -106,7 +106,7 @@ def run_sweep(config: RunConfig, param: str, values: list[Any], *, console: Cons
         started = time.perf_counter()
         trainer = build_trainer(value_config, console=console)
         result = trainer.train()
-        write_report(result.run_dir)
+        build_report(result.run_dir)
         metrics = dict(result.final_eval or {})
         if "eval/logps/chosen" in metrics and "eval/logps/rejected" in metrics:
             metrics["logps_gap"] = metrics["eval/logps/chosen"] - metrics["eval/logps/rejected"]

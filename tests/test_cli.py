@@ -30,7 +30,8 @@ def test_train_command_writes_a_complete_run_folder(tmp_path, capsys):
         "summary.md",
         "data_report.txt",
         "plots/margins.png",
-        "plots/training.png",
+        "plots/training_curves.png",
+        "report.html",
         "final/adapter/adapter_model.safetensors",
         "final/merged/model.safetensors",
         "checkpoints/step-4/trainable.safetensors",
@@ -40,7 +41,7 @@ def test_train_command_writes_a_complete_run_folder(tmp_path, capsys):
     summary = (run_dir / "summary.md").read_text()
     assert "preference accuracy" in summary and "log p(rejected) per token" in summary
     # A fresh LoRA adapter leaves policy == reference: every margin is 0 before training, which ranks nothing.
-    assert "| preference accuracy | tie |" in summary and "0.5 = chance" in summary
+    assert "| preference accuracy | all tied |" in summary and "chance 0.5" in summary
 
 
 def test_config_errors_name_the_key_and_exit_without_a_traceback(tmp_path, capsys):

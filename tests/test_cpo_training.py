@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from preftune.eval.report import write_report
+from preftune.eval.html_report import build_report
 from preftune.run import build_trainer
 from preftune.methods.lagrangian import dual_step
 from preftune.runfolder import read_jsonl as read_metrics
@@ -162,11 +162,13 @@ def test_resume_reproduces_lambda_its_history_the_lr_cuts_weights_and_metrics_ex
 def test_the_final_lagrangian_state_is_exported_next_to_the_model_and_reported(tmp_path, model_dir):
     trainer = _cpo_trainer(tmp_path, model_dir, constraints={"margin_threshold": UNREACHABLE, "temperature": 2.0})
     result = trainer.train()
-    summary = write_report(result.run_dir).read_text()
+    summary = build_report(result.run_dir).summary.read_text()
     history = _controller(trainer).history
-    assert f"λ: final {history[-1]['lambda']:.4g}, max {max(e['lambda'] for e in history):.4g}" in summary
+    assert f"λ at the end: {history[-1]['lambda']:.4g}" in summary
+    assert f"λ peaked at {max(e['lambda'] for e in history):.4g}" in summary
     assert "| pairs below the CPO margin threshold τ | 1.0000 | 1.0000 |" in summary
     assert "validation loss (includes λ · hinge)" in summary and "not judged" in summary
+    assert (tmp_path / "run" / "plots" / "cpo_curves.png").is_file()
     state = json.loads((tmp_path / "run" / "final" / "lagrangian_state.json").read_text())
     assert (tmp_path / "run" / "final" / "adapter").is_dir()
     assert state["lambda"] == _controller(trainer).multiplier > 0

@@ -14,7 +14,7 @@ from preftune.cli import main
 from preftune.control import Controller
 from preftune.control.monitors import TrainingDiverged
 from preftune.errors import CheckpointError, PreftuneError, TrainingInterrupted
-from preftune.eval.report import write_report
+from preftune.eval.html_report import build_report
 from preftune.run import build_trainer
 from tests.support import save_tiny_model, tiny_run_config
 
@@ -180,7 +180,7 @@ def test_killed_checkpoint_writes_are_cleaned_and_outputs_follow_the_umask(tmp_p
 def test_report_rebuilds_the_summary_from_the_folder_alone(tmp_path, model_dir, capsys):
     config = tiny_run_config(tmp_path / "run", model_dir, method={"loss_type": "cpo", "constraints": {"margin_threshold": 5.0}})
     result = build_trainer(config).train()
-    written = write_report(result.run_dir).read_text()
+    written = build_report(result.run_dir).summary.read_text()
     (tmp_path / "run" / "summary.md").unlink()
     assert main(["report", str(tmp_path / "run")]) == 0
     assert (tmp_path / "run" / "summary.md").read_text() == written

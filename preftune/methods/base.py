@@ -99,6 +99,14 @@ class BetaSettings(MethodSettings):
 
 
 @dataclass(frozen=True)
+class ReportCurve:
+    """A figure a method adds to its report section: the logged training metrics `metrics`, over steps."""
+
+    title: str
+    metrics: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Method:
     """A method = a loss plus what it needs. The loop knows methods only through this."""
 
@@ -111,8 +119,10 @@ class Method:
     # Examples each micro-batch needs at least (KTO estimates its KL baseline from the other examples).
     min_batch_size: int = 1
     controllers: Callable[[Any], list[Controller]] = lambda settings: []
-    # Markdown lines this method adds to the report, read from the run folder alone.
-    report_section: Callable[[RunRecords], list[str]] | None = None
+    # The report section this method (and its controllers) add, read from the run folder alone:
+    # (title, markdown lines), and the curves drawn under it.
+    report_section: Callable[[RunRecords], tuple[str, list[str]] | None] | None = None
+    report_curves: tuple[ReportCurve, ...] = ()
     aliases: tuple[str, ...] = ()
 
     @property

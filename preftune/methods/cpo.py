@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 from preftune.control import Controller, LRReductionOnAlert
 from preftune.losses import LossOutput
 from preftune.losses.cpo import constrained_dpo_loss
-from preftune.methods.base import BetaSettings, Method, PairLogps
+from preftune.methods.base import BetaSettings, Method, PairLogps, ReportCurve
 from preftune.methods.lagrangian import LagrangianController
 from preftune.runfolder import RunRecords
 from preftune.settings import Section
@@ -116,25 +116,38 @@ def cpo_controllers(settings: CPOSettings) -> list[Controller]:
     return controllers
 
 
-def cpo_report_section(records: RunRecords) -> list[str]:
-    """Where λ ended and how high it went, from the run folder's controllers.json."""
+def cpo_report_section(records: RunRecords) -> tuple[str, list[str]] | None:
+    """τ, what λ followed, where λ went, and how often the constraint was violated, from controllers.json."""
     state = records.controllers.get(LagrangianController.name)
-    if not state or not state.get("history"):
-        return []
-    constraints = records.config.get("method", {}).get("constraints", {})
-    history = state["history"]
-    peak = max(history, key=lambda entry: entry["lambda"])
+    if not state:
+        return None
+    constraints = records.config.get("method", {}).get("constraints") or {}
+    history = state.get("history", [])
     mode = constraints.get("mode", "soft")
-    return [
-        "## CPO constraint (constrained DPO)",
-        "",
-        f"- τ = {state['threshold']:g} on the {'per-token mean' if constraints.get('length_normalize', True) else 'summed'} "
-        f"log-prob margin; λ follows the {'mean hinge' if mode == 'soft' else 'fraction of pairs below τ'} ({mode} mode)",
-        f"- λ: final {state['lambda']:.4g}, max {peak['lambda']:.4g} (step {peak['step']}), "
-        f"last step's violation {history[-1]['violation']:.4g}",
-        "- `final/lagrangian_state.json`: λ, its value after every step, and the constraint settings",
-        "",
+    threshold = state.get("threshold")
+    if threshold is None:  # a folder written before λ's state carried τ
+        threshold = ConstraintSettings.model_validate(constraints).threshold
+    lines = [
+        f"- τ (effective margin threshold): {threshold:g} on the "
+        f"{'per-token mean' if constraints.get('length_normalize', True) else 'summed'} log-prob margin; "
+        f"λ follows the {'mean hinge' if mode == 'soft' else 'fraction of pairs below τ'} ({mode} mode)",
+        f"- λ at the end: {state['lambda']:.4g}",
     ]
+    if history:
+        peak = max(history, key=lambda entry: entry["lambda"])
+        slack = constraints.get("constraint_slack", 0.0)
+        lines += [
+            f"- λ peaked at {peak['lambda']:.4g} after step {peak['step']}; last step's violation {history[-1]['violation']:.4g}",
+            f"- steps whose violation exceeded the slack {slack:g}: {sum(e['violation'] > slack for e in history)} of {len(history)}",
+        ]
+    cuts = records.controllers.get("constraint_violation_lr", {}).get("reductions", [])
+    if cuts:
+        lines.append(f"- learning rate cut {len(cuts)} time(s) for sustained violation (now {cuts[-1]['lr_scale']:.3g} × the schedule)")
+    lines += [
+        "- the step loss is the preference (DPO) loss + λ · mean hinge: drawn apart below, because λ grows while "
+        "the constraint is violated; `final/lagrangian_state.json` holds λ after every step",
+    ]
+    return "CPO constraint (constrained DPO)", lines
 
 
 METHOD = Method(
@@ -148,4 +161,8 @@ METHOD = Method(
     build_loss=ConstrainedDPOLoss,
     controllers=cpo_controllers,
     report_section=cpo_report_section,
+    report_curves=(
+        ReportCurve("preference (DPO) loss and the whole step loss", ("loss/preference", "loss")),
+        ReportCurve("λ and the violation it follows", ("lagrangian/lambda", "lagrangian/violation")),
+    ),
 )

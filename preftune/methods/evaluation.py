@@ -64,8 +64,8 @@ def evaluate_examples(
                 "policy_logps": policy_sums[:, offset].tolist(),
                 "reference_logps": reference_sums[:, offset].tolist() if reference_sums is not None else None,
             }
-            if hasattr(example, "label") and answers == 1:
-                row["labels"] = [bool(example.label)]
+            if example.labels is not None:
+                row["labels"] = [bool(label) for label in example.labels[:answers]]
             row.update({key: values[offset] for key, values in per_example.items()})
             rows.append(row)
     return rows

@@ -41,16 +41,8 @@ def data_fingerprint(examples: list) -> str:
     """A hash of the tokenised examples in order (prompt and answer ids, labels)."""
     digest = hashlib.sha256()
     for example in examples:
-        digest.update(json.dumps([example.prompt_ids, *_answers(example)]).encode())
+        digest.update(json.dumps([example.prompt_ids, [list(ids) for ids in example.answer_ids], example.labels]).encode())
     return digest.hexdigest()[:16]
-
-
-def _answers(example) -> list:
-    if hasattr(example, "answer_ids"):
-        return [list(ids) for ids in example.answer_ids] + [getattr(example, "labels", None)]
-    if hasattr(example, "chosen_ids"):
-        return [example.chosen_ids, example.rejected_ids]
-    return [example.completion_ids, example.label]
 
 
 def run_identity(config: RunConfig, train: list, validation: list) -> dict[str, Any]:
