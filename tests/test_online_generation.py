@@ -114,6 +114,8 @@ def test_settings_are_validated_and_vllm_is_refused(tokenizer, prompt_ids):
         GenerationSettings(max_tokens=3)
     with pytest.raises(ValueError):
         GenerationSettings(top_p=0.0)
+    with pytest.raises(ValueError, match="identical completions"):
+        GenerationSettings(temperature=0.0, num_return_sequences=2)
     model = tiny_llama(len(tokenizer))
     with pytest.raises(PreftuneError, match="vllm"):
         generate(model, tokenizer, prompt_ids, GenerationSettings(backend="vllm"), seed=0)

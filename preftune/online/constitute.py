@@ -276,7 +276,11 @@ def finished_prompts(output: Path, prompts: list[PromptRecord]) -> set[int]:
             handle.flush()
             os.fsync(handle.fileno())
     done: set[int] = set()
-    for number, line in enumerate(content[:keep].decode("utf-8").splitlines(), start=1):
+    try:
+        text = content[:keep].decode("utf-8")
+    except UnicodeDecodeError:
+        raise DataError("not valid UTF-8 text: not a file `preftune constitute` wrote; use a new --output", path=str(output)) from None
+    for number, line in enumerate(text.splitlines(), start=1):
         try:
             value = json.loads(line)
         except json.JSONDecodeError as error:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import GenerationConfig
 
 from preftune.errors import ConfigError, PreftuneError
@@ -46,6 +46,14 @@ class GenerationSettings(BaseModel):
         "transformers", description="'transformers' (model.generate); 'vllm' is not available yet"
     )
 
+    @model_validator(mode="after")
+    def _greedy_gives_one_completion(self) -> GenerationSettings:
+        if self.temperature == 0 and self.num_return_sequences > 1:
+            raise ValueError(
+                "temperature 0 (greedy) would give num_return_sequences identical completions: sample (temperature > 0) instead"
+            )
+        return self
+
 
 @dataclass
 class Generations:
@@ -73,8 +81,8 @@ def generate(
 ) -> Generations:
     """Complete every prompt (token ids, no padding) `settings.num_return_sequences` times.
 
-    The global torch RNG is forked for the call, so `seed` alone decides the samples and the
-    caller's RNG state is untouched. The model runs in eval mode (no dropout) under `no_grad` and
+    The global torch RNG is forked for the call, so `seed` alone decides the samples (for the same
+    prompts, settings, `batch_size` and device) and the caller's RNG state is untouched. The model runs in eval mode (no dropout) under `no_grad` and
     is put back in its previous mode. `use_adapter=False` generates from the base model of a peft
     model (the reference); for a model without adapters it changes nothing.
     """
@@ -129,9 +137,13 @@ def _refuse_vllm() -> None:
 
 
 def _generation_config(settings: GenerationSettings, *, eos_id: int, pad_id: int) -> GenerationConfig:
+    """The full decoding setup. Fields left unset would be filled from the model's generation_config.json,
+    so the logit modifiers a model folder may ship (repetition penalty, n-gram blocking) are set to off here."""
     sampling = settings.temperature > 0
     options = {"temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k} if sampling else {}
     return GenerationConfig(
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
         max_new_tokens=settings.max_new_tokens,
         do_sample=sampling,
         num_return_sequences=settings.num_return_sequences,
