@@ -31,6 +31,7 @@ def test_greedy_with_kv_cache_equals_without_token_for_token(tokenizer, prompt_i
     uncached = generate(model, tokenizer, prompt_ids, _greedy(use_cache=False), seed=0)
     assert cached.completion_ids == uncached.completion_ids
     assert all(len(ids) == 12 for ids in cached.completion_ids)  # no EOS from this model in 12 steps
+    assert cached.stopped == [False, False, False]  # cut by max_new_tokens
     assert cached.prompt_index == [0, 1, 2]
     # left padding changes nothing: one prompt at a time gives the same completions
     alone = generate(model, tokenizer, prompt_ids, _greedy(batch_size=1), seed=0)
