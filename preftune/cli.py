@@ -22,6 +22,7 @@ Quick start:
   preftune train --config run.yaml --set method.beta=0.3 --set training.max_steps=100
   preftune sweep --config run.yaml --param beta --values 0.05,0.1,0.3,0.5
   preftune convert --to kto pairs.jsonl kto.jsonl   # paired data → unpaired {prompt, completion, label}
+  preftune constitute --prompts prompts.jsonl --model DIR --output pairs.jsonl   # Constitutional-AI pairs
 
 A run folder holds config.yaml, metrics.jsonl, alerts.jsonl, tensorboard/, checkpoints/,
 final/adapter, final/merged and summary.md.
@@ -84,6 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="rebuild summary.md, plots/ and report.html of a run folder from its files")
     report.add_argument("run_dir", help="a run folder (holds config.yaml, metrics.jsonl, evaluations/)")
+
+    constitute = commands.add_parser(
+        "constitute",
+        help="write preference pairs by Constitutional AI: answer, critique against a principle, revise (revision = chosen)",
+    )
+    constitute.add_argument("--prompts", required=True, help="JSONL/JSON/Parquet of {prompt} or chat {messages} records")
+    constitute.add_argument("--constitution", help="principles YAML (default: preftune/defaults/constitution.yaml)")
+    constitute.add_argument("--model", required=True, help="embedded model name or a local Hugging Face folder")
+    constitute.add_argument("--output", required=True, help="the pairs JSONL to write; an existing one is resumed")
+    constitute.add_argument("--seed", type=int, default=0, help="seeds the principle drawn and the sampling, per prompt")
+    constitute.add_argument("--max-new-tokens", type=int, default=256, help="per answer, critique and revision")
+    constitute.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy")
     return parser
 
 
@@ -101,6 +114,36 @@ def _probe(args, console: Console) -> None:
     print(table.markdown())
     if args.output:
         console.print(f"wrote {table.write(args.output)}")
+
+
+def _constitute(args, console: Console) -> None:
+    import torch
+
+    from preftune.model.loading import load_model, load_tokenizer
+    from preftune.online.constitute import constitute, load_constitution, read_prompts
+    from preftune.online.generation import GenerationSettings
+
+    from pydantic import ValidationError
+
+    from preftune.errors import ConfigError
+
+    constitution = load_constitution(args.constitution)
+    try:
+        settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    except ValidationError as error:
+        raise ConfigError(f"constitute: {error.errors()[0]['loc'][0]}: {error.errors()[0]['msg']}") from None
+    tokenizer = load_tokenizer(args.model)
+    prompts = read_prompts(args.prompts, tokenizer)
+    model = load_model(args.model)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    report = constitute(
+        prompts, args.output, model=model, tokenizer=tokenizer, constitution=constitution, settings=settings, seed=args.seed,
+        on_pair=lambda index: console.print(f"pair {index + 1}/{len(prompts)} written"),
+    )
+    console.print(
+        f"wrote {report.written} pairs to {report.output} ({report.already_done} of {report.prompts} prompts were already done)"
+    )
 
 
 def _load(args):
@@ -157,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"wrote {written} KTO records to {args.output}")
         elif args.command == "probe":
             _probe(args, console)
+        elif args.command == "constitute":
+            _constitute(args, console)
         elif args.command == "report":
             from preftune.eval.html_report import build_report
 
