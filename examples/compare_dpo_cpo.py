@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from preftune.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from preftune.config import validate_config  # noqa: E402
 from preftune.run import train  # noqa: E402
-from preftune.train.metrics_log import read_metrics  # noqa: E402
+from preftune.runfolder import read_jsonl as read_metrics  # noqa: E402
 
 METHODS = ("dpo", "cpo")
 

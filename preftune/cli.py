@@ -9,8 +9,9 @@ import sys
 import warnings
 
 from rich.console import Console
+from rich.markup import escape
 
-from preftune.errors import ConfigError, PreftuneError
+from preftune.errors import ConfigError, PreftuneError, TrainingInterrupted
 
 DESCRIPTION = """\
 preftune aligns a causal language model with preference data (prompt + chosen + rejected answers).
@@ -21,6 +22,7 @@ Quick start:
   preftune train --config run.yaml --set method.beta=0.3 --set training.max_steps=100
   preftune sweep --config run.yaml --param beta --values 0.05,0.1,0.3,0.5
   preftune convert --to kto pairs.jsonl kto.jsonl   # paired data → unpaired {prompt, completion, label}
+  preftune constitute --prompts prompts.jsonl --model DIR --output pairs.jsonl   # Constitutional-AI pairs
   preftune audit pairs.jsonl             # duplicates, lengths, length bias ("longer is better?")
   preftune recommend --data pairs.jsonl --output recommended.yaml   # which method, from the data and the reference
 
@@ -31,6 +33,8 @@ Name clash: `loss_type: cpo` (alias constrained_dpo) is CONSTRAINED DPO, a margi
 enforced by a Lagrange multiplier (docs/CPO.md). TRL's CPO (Contrastive Preference Optimization,
 Xu et al. 2024) is `loss_type: contrastive_cpo`.
 """
+# The formats `audit` and `recommend` read: every paired and unpaired one (preftune/data/formats.py).
+AUDITED_FORMATS = ("pairs", "chat", "hh_rlhf", "sharegpt", "kto", "sharegpt_kto")
 
 
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,8 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a policy on preference pairs and write a run folder")
     _config_arguments(train)
 
-    config = commands.add_parser("config", help="print the fully resolved config (defaults filled in)")
+    config = commands.add_parser(
+        "config",
+        help="print the library defaults of a method with each key's description (--method), or a resolved config (--config)",
+    )
     _config_arguments(config)
+    config.add_argument("--method", help="print the library defaults for this loss_type, with descriptions")
+
 
     commands.add_parser("losses", help="list the available loss_type values")
 
@@ -66,13 +75,37 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("input", help="a JSONL/JSON/Parquet file of pairs, or an embedded dataset 'name:split'")
     convert.add_argument("output", help="the JSONL file to write")
     convert.add_argument("--to", required=True, choices=["kto"], help="target format")
-    convert.add_argument("--format", default="auto", choices=["auto", "pairs", "chat", "hh_rlhf"], help="input format")
+    convert.add_argument("--format", default="auto", choices=["auto", "pairs", "chat", "hh_rlhf", "sharegpt"], help="input format")
     convert.add_argument("--tokenizer", help="model name or folder whose chat template renders chat-format prompts")
+
+    probe = commands.add_parser(
+        "probe", help="score probe prompts (safe vs unsafe answer) under the reference and the trained model"
+    )
+    probe.add_argument("--model", default="smollm2-135m", help="a model folder, a LoRA adapter folder (final/adapter) or an embedded model")
+    probe.add_argument("--reference", help="a separate reference model folder (default: the adapter-disabled model)")
+    probe.add_argument("--pairs", help="a JSONL of probes {id, split, prompt, chosen, rejected} (default: the shipped harmlessness set)")
+    probe.add_argument("--output", help="also write the table as JSON here (put it in a run folder as probes.json for the report)")
+    probe.add_argument("--max-length", type=int, default=512, help="prompt + answer tokens per sequence")
+
+    report = commands.add_parser("report", help="rebuild summary.md, plots/ and report.html of a run folder from its files")
+    report.add_argument("run_dir", help="a run folder (holds config.yaml, metrics.jsonl, evaluations/)")
+
+    constitute = commands.add_parser(
+        "constitute",
+        help="write preference pairs by Constitutional AI: answer, critique against a principle, revise (revision = chosen)",
+    )
+    constitute.add_argument("--prompts", required=True, help="JSONL/JSON/Parquet of {prompt} or chat {messages} records")
+    constitute.add_argument("--constitution", help="principles YAML (default: preftune/defaults/constitution.yaml)")
+    constitute.add_argument("--model", required=True, help="embedded model name or a local Hugging Face folder")
+    constitute.add_argument("--output", required=True, help="the pairs JSONL to write; an existing one is resumed")
+    constitute.add_argument("--seed", type=int, default=0, help="seeds the principle drawn and the sampling, per prompt")
+    constitute.add_argument("--max-new-tokens", type=int, default=256, help="per answer, critique and revision")
+    constitute.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy")
 
     audit = commands.add_parser("audit", help="audit preference files: duplicates, lengths, format, length bias")
     audit.add_argument("files", nargs="+", metavar="FILE", help="JSONL/JSON/Parquet files or embedded datasets 'name:split'")
     audit.add_argument("--tokenizer", help="model name or folder: lengths in its tokens (default: characters)")
-    audit.add_argument("--format", default="auto", choices=["auto", "pairs", "chat", "hh_rlhf", "kto"], help="input format")
+    audit.add_argument("--format", default="auto", choices=["auto", *AUDITED_FORMATS], help="input format")
     audit.add_argument("--json", metavar="OUT", help="also write the audits as JSON ({file: audit})")
 
     recommend = commands.add_parser(
@@ -83,9 +116,55 @@ def build_parser() -> argparse.ArgumentParser:
     recommend.add_argument("--model", default="smollm2-135m", help="reference model: embedded name or local folder")
     recommend.add_argument("--sample", type=int, default=200, help="pairs the reference accuracy is measured on")
     recommend.add_argument("--max-length", type=int, default=512, help="prompt + answer tokens per measured sequence")
-    recommend.add_argument("--format", default="auto", choices=["auto", "pairs", "chat", "hh_rlhf"], help="input format")
+    recommend.add_argument("--format", default="auto", choices=["auto", *AUDITED_FORMATS], help="input format")
     recommend.add_argument("--output", metavar="YAML", help="write a ready-to-run config for the recommendation")
     return parser
+
+
+def _probe(args, console: Console) -> None:
+    from preftune.eval.probes import SHIPPED_PROBES, load_trained_model, run_probes
+    from preftune.model.loading import load_model, load_tokenizer
+
+    model, tokenizer_source = load_trained_model(args.model)
+    tokenizer = load_tokenizer(tokenizer_source)
+    reference = load_model(args.reference) if args.reference else None
+    table = run_probes(
+        model, tokenizer, reference=reference, path=args.pairs or SHIPPED_PROBES, max_length=args.max_length,
+        model_name=args.model, reference_name=args.reference or "",
+    )
+    print(table.markdown())
+    if args.output:
+        console.print(f"wrote {table.write(args.output)}")
+
+
+def _constitute(args, console: Console) -> None:
+    import torch
+
+    from preftune.model.loading import load_model, load_tokenizer
+    from preftune.online.constitute import constitute, load_constitution, read_prompts
+    from preftune.online.generation import GenerationSettings
+
+    from pydantic import ValidationError
+
+    from preftune.errors import ConfigError
+
+    constitution = load_constitution(args.constitution)
+    try:
+        settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    except ValidationError as error:
+        raise ConfigError(f"constitute: {error.errors()[0]['loc'][0]}: {error.errors()[0]['msg']}") from None
+    tokenizer = load_tokenizer(args.model)
+    prompts = read_prompts(args.prompts, tokenizer)
+    model = load_model(args.model)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    report = constitute(
+        prompts, args.output, model=model, tokenizer=tokenizer, constitution=constitution, settings=settings, seed=args.seed,
+        on_pair=lambda index: console.print(f"pair {index + 1}/{len(prompts)} written"),
+    )
+    console.print(
+        f"wrote {report.written} pairs to {report.output} ({report.already_done} of {report.prompts} prompts were already done)"
+    )
 
 
 def _load(args):
@@ -115,9 +194,13 @@ def main(argv: list[str] | None = None) -> int:
 
             train(_load(args), console=console)
         elif args.command == "config":
-            from preftune.config import dump_config
+            from preftune.config import DEFAULT_METHOD, describe_defaults, dump_config
 
-            print(dump_config(_load(args)), end="")
+            if args.config or args.overrides or args.output_dir:
+                print(dump_config(_load(args)), end="")
+            else:
+                print(describe_defaults(args.method or DEFAULT_METHOD), end="")
+
         elif args.command == "sweep":
             from preftune.sweep import parse_values, run_sweep
 
@@ -140,25 +223,35 @@ def main(argv: list[str] | None = None) -> int:
             _audit(args)
         elif args.command == "recommend":
             _recommend(args, console)
-        elif args.command == "losses":
-            from preftune.losses import ALIASES, LOSSES
+        elif args.command == "probe":
+            _probe(args, console)
+        elif args.command == "constitute":
+            _constitute(args, console)
+        elif args.command == "report":
+            from preftune.eval.html_report import build_report
 
-            for name, spec in LOSSES.items():
-                aliases = [alias for alias, target in ALIASES.items() if target == name]
-                also = f" (alias: {', '.join(aliases)})" if aliases else ""
-                print(f"{name:<18} {spec.summary}{also}")
+            paths = build_report(args.run_dir)
+            console.print(escape(paths.summary.read_text(encoding="utf-8")))
+            console.print(f"[bold green]report[/]: {escape(str(paths.html))}, {escape(str(paths.summary))}, {len(paths.plots)} plots")
+        elif args.command == "losses":
+            from preftune.methods import METHODS
+
+            for name, method in METHODS.items():
+                also = f" (alias: {', '.join(method.aliases)})" if method.aliases else ""
+                print(f"{name:<18} {method.summary}{also}")
         return 0
     except PreftuneError as error:
         if args.verbose:
             raise
-        console.print(f"[bold red]error:[/] {error}")
-        return 2
+        # Messages hold paths and reason tags in brackets: print them as text, never as Rich markup.
+        console.print(f"[bold red]error:[/] {escape(str(error))}")
+        return 130 if isinstance(error, TrainingInterrupted) else 2
 
 
 def _audit(args) -> None:
     from preftune.atomic import atomic_write_json
     from preftune.data.audit import audit_records
-    from preftune.data.kto import load_pairs_or_unpaired
+    from preftune.data.formats import PAIRED, UNPAIRED, load_examples
     from preftune.data.pipeline import resolve_data_path
 
     tokenizer = None
@@ -168,7 +261,7 @@ def _audit(args) -> None:
         tokenizer = load_tokenizer(args.tokenizer)
     audits = {}
     for spec in args.files:
-        records, report = load_pairs_or_unpaired(resolve_data_path(spec), format=args.format, tokenizer=tokenizer)
+        records, report = load_examples(resolve_data_path(spec), format=args.format, tokenizer=tokenizer, accept=(PAIRED, UNPAIRED))
         audits[spec] = audit_records(records, tokenizer)
         print(f"== {spec}\n{report.summary()}\n{audits[spec].summary()}")
     if args.json:
@@ -182,7 +275,7 @@ def _recommend(args, console) -> None:
 
     tokenizer = load_tokenizer(args.model)  # lengths in its tokens; its chat template renders chat data
     # The reference model is only needed (and only loaded) to measure its accuracy on pairs.
-    model = load_model(args.model) if data_kind(resolve_data_path(args.data[0])) == "paired" else None
+    model = load_model(args.model) if data_kind(resolve_data_path(args.data[0]), args.format) == "paired" else None
     measurement = measure_traits(
         args.data, synthetic_files=args.synthetic, model=model, tokenizer=tokenizer,
         sample=args.sample, format=args.format, max_length=args.max_length,

@@ -12,16 +12,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from preftune.config_template import TEMPLATE_KEY, is_template, translate_template
 from preftune.errors import ConfigError
+from preftune.logprobs.engine import DEFAULT_CHUNK_SIZE
+from preftune.methods import METHODS, Method, MethodSettings, get_method
+from preftune.methods.cpo import ConstraintSettings
+from preftune.settings import Section
 
 logger = logging.getLogger(__name__)
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+_Section = Section
+DEFAULT_METHOD = "sigmoid"
 
 
 class LoraSettings(_Section):
@@ -57,8 +61,14 @@ class DataSettings(_Section):
         "hh-rlhf-harmless:validation", description="null = hold out `validation_split` of the train file"
     )
     validation_split: float | int = Field(0.1, description="fraction (0-1) or count held out when validation_file is null")
-    format: Literal["auto", "pairs", "chat", "hh_rlhf", "kto"] = Field(
-        "auto", description="kto = unpaired {prompt, completion, label} records (loss_type kto only)"
+    format: Literal["auto", "pairs", "chat", "hh_rlhf", "sharegpt", "kto", "sharegpt_kto"] = Field(
+        "auto",
+        description="kto/sharegpt_kto = unpaired records (loss_type kto only); see preftune/data/formats.py",
+    )
+    columns: dict[str, str] | None = Field(
+        None,
+        description="preftune's field names (prompt, chosen, rejected, completion, label, messages) -> the file's, "
+        "e.g. {prompt: question, chosen: good, rejected: bad}",
     )
     skip_invalid: bool = Field(True, description="skip bad records with a counted reason instead of stopping")
     max_train_samples: int | None = Field(None, ge=1)
@@ -73,7 +83,11 @@ class DataSettings(_Section):
         None, description="training files tagged human/synthetic, mixed in place of train_file (validation_file or split as usual)"
     )
     human_ratio: float | None = Field(
-        None, ge=0.0, le=1.0, description="floor on the human share of the sources mix; synthetic pairs are subsampled to meet it"
+        None,
+        ge=0.0,
+        le=1.0,
+        description="floor on the human share of the training pairs (data.sources, or the records' own provenance); "
+        "synthetic pairs are subsampled to meet it. On records without provenance: not applied, with a warning",
     )
     kl_divergence_threshold: float = Field(
         0.15, gt=0.0, description="warn when KL(synthetic ‖ human) of the per-pair length difference exceeds this"
@@ -96,100 +110,11 @@ class DataSettings(_Section):
                 raise ValueError("data.sources needs at least one {path, source: human|synthetic, weight} entry")
             if self.train_file is not None:
                 raise ValueError("give either data.train_file or data.sources (the sources are the training files), not both")
-        else:
-            if self.train_file is None:
-                raise ValueError("data.train_file is required unless data.sources lists the training files")
-            if self.human_ratio is not None or self.filter_synthetic_outliers:
-                raise ValueError("data.human_ratio and data.filter_synthetic_outliers apply to data.sources: list the files there")
+        elif self.train_file is None:
+            raise ValueError("data.train_file is required unless data.sources lists the training files")
+        # human_ratio / filter_synthetic_outliers with a train_file act on the provenance its records carry;
+        # on records without one they are a no-op the run's data summary warns about (preftune/data/pipeline.py).
         return self
-
-
-class ConstraintSettings(_Section):
-    """CPO (constrained DPO): the margin constraint and its Lagrange multiplier λ; see docs/CPO.md."""
-
-    margin_threshold: float = Field(0.1, description="τ: required policy-minus-reference log-prob margin per pair")
-    temperature: float = Field(1.0, gt=0.0, description="τ is divided by this when temperature_scaled_threshold")
-    temperature_scaled_threshold: bool = True
-    length_normalize: bool = Field(True, description="margin from per-token mean log-probs (false: sums)")
-    mode: Literal["soft", "hard"] = Field(
-        "soft", description="what λ tracks: soft = mean relu(τ − margin), hard = fraction of pairs with margin < τ"
-    )
-    lagrangian_lr: float = Field(0.01, ge=0.0, description="dual step size η: λ += η · (violation − constraint_slack)")
-    initial_lambda: float = Field(0.0, ge=0.0)
-    lambda_max: float = Field(10.0, gt=0.0)
-    lambda_step_clip: float = Field(0.1, gt=0.0, description="largest change of λ in one step")
-    constraint_slack: float = Field(
-        0.01, ge=0.0, description="violation tolerated before λ rises; below it λ falls back toward 0"
-    )
-    reset_lambda_each_epoch: bool = Field(True, description="λ back to initial_lambda at the start of every epoch")
-    violation_alert: float | None = Field(
-        0.05, ge=0.0, le=1.0, description="validation fraction of pairs with margin < τ that counts as too high; null = off"
-    )
-    patience: int = Field(3, ge=1, description="evaluations in a row above violation_alert before the LR is lowered")
-    lr_reduction: float = Field(0.2, gt=0.0, lt=1.0, description="fraction the learning rate is lowered by")
-
-    @model_validator(mode="after")
-    def _lambda_in_range(self) -> ConstraintSettings:
-        if self.initial_lambda > self.lambda_max:
-            raise ValueError(f"initial_lambda ({self.initial_lambda}) must not exceed lambda_max ({self.lambda_max})")
-        return self
-
-
-CONSTRAINED_LOSS = "cpo"
-
-
-class MethodSettings(_Section):
-    loss_type: str = Field(
-        "sigmoid",
-        description="sigmoid (DPO); cpo = CONSTRAINED DPO (alias constrained_dpo, see docs/CPO.md); "
-        "contrastive_cpo = TRL's contrastive CPO; see `preftune losses`",
-    )
-    beta: float = Field(0.1, gt=0.0)
-    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
-    cpo_alpha: float = Field(1.0, ge=0.0, description="contrastive_cpo only: weight of the NLL term (TRL's cpo_alpha)")
-    simpo_gamma: float = Field(0.5, description="simpo only: target margin γ in −log σ(β·Δavg − γ) (TRL's simpo_gamma)")
-    simpo_sft_weight: float = Field(0.0, ge=0.0, description="simpo only: weight of an SFT (NLL) term on the chosen answer")
-    desirable_weight: float = Field(1.0, gt=0.0, description="kto only: weight λ_D of desirable (label true) examples")
-    undesirable_weight: float = Field(1.0, gt=0.0, description="kto only: weight λ_U of undesirable (label false) examples")
-    constraints: ConstraintSettings | None = Field(
-        None, description="loss_type cpo only (filled with defaults for it): margin constraint and Lagrange multiplier"
-    )
-
-    @field_validator("loss_type")
-    @classmethod
-    def _known_loss(cls, value: str) -> str:
-        from preftune.losses import get_loss_spec
-
-        get_loss_spec(value)
-        return value
-
-    @model_validator(mode="before")
-    @classmethod
-    def _constraints_default_for_cpo(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("constraints") is None and _is_constrained(data.get("loss_type")):
-            return {**data, "constraints": {}}
-        return data
-
-    @model_validator(mode="after")
-    def _constraints_only_for_cpo(self) -> MethodSettings:
-        if self.constraints is not None and not _is_constrained(self.loss_type):
-            raise ValueError(
-                f"method.constraints applies only to loss_type cpo (constrained DPO), not '{self.loss_type}': "
-                "remove the constraints section or set loss_type: cpo"
-            )
-        if _is_constrained(self.loss_type) and "cpo_alpha" in self.model_fields_set:
-            raise ValueError(
-                "cpo_alpha belongs to CONTRASTIVE CPO (TRL's CPO, Xu et al. 2024), which is loss_type contrastive_cpo; "
-                "preftune's loss_type cpo is CONSTRAINED DPO (docs/CPO.md) and has no NLL term: "
-                "set loss_type: contrastive_cpo, or remove cpo_alpha"
-            )
-        return self
-
-
-def _is_constrained(loss_type: Any) -> bool:
-    from preftune.losses import ALIASES
-
-    return isinstance(loss_type, str) and ALIASES.get(loss_type, loss_type) == CONSTRAINED_LOSS
 
 
 class TrainingSettings(_Section):
@@ -209,9 +134,14 @@ class TrainingSettings(_Section):
     seed: int = 42
     logging_steps: int = Field(1, ge=1)
     eval_steps: int | None = Field(50, ge=1, description="also evaluated before the first and after the last step")
-    save_steps: int | None = Field(None, ge=1, description="checkpoint every N steps (and always at the end)")
+    save_steps: int | None = Field(
+        500, ge=1, description="checkpoint every N steps (and always at the end, and on Ctrl-C / SIGTERM); null = only then"
+    )
+    max_consecutive_nonfinite_steps: int = Field(
+        3, ge=0, description="steps in a row whose loss or gradient is NaN/inf that are skipped (counted, alerted) before the run stops"
+    )
     save_total_limit: int | None = Field(2, ge=1)
-    logprob_chunk_size: int = Field(512, ge=1, description="answer positions per vocabulary projection chunk")
+    logprob_chunk_size: int = Field(DEFAULT_CHUNK_SIZE, ge=1, description="answer positions per vocabulary projection chunk")
     gradient_checkpointing: bool = Field(
         True, description="recompute decoder-layer activations in backward instead of storing them: ~25% more time, a fraction of the memory"
     )
@@ -230,26 +160,28 @@ class MonitoringSettings(_Section):
     )
 
 
-class NotYetAppliedSettings(_Section):
-    """Keys of the design template (`preference_training:`) that preftune validates and records, but does not act on yet."""
-
-    synthetic_ratio: float | None = Field(None, ge=0.0, le=1.0)
-    human_ratio: float | None = Field(None, ge=0.0, le=1.0)
-    kl_divergence_threshold: float | None = Field(None, gt=0.0)
-
-
 class RunConfig(_Section):
     output_dir: str = "runs/preftune"
     resume_from: str | None = Field(None, description="a checkpoint folder, or 'latest' in output_dir")
     overwrite_output_dir: bool = False
     model: ModelSettings = Field(default_factory=ModelSettings)
     data: DataSettings = Field(default_factory=DataSettings)
-    method: MethodSettings = Field(default_factory=MethodSettings)
+    method: SerializeAsAny[MethodSettings] = Field(
+        default_factory=lambda: METHODS[DEFAULT_METHOD].default_settings(),
+        description="loss_type picks the method; its own keys are validated by that method's schema "
+        "(`preftune config --method NAME` lists them)",
+    )
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
-    not_yet_applied: NotYetAppliedSettings | None = Field(
-        None, description="recorded from the design template, NOT acted on by this version of preftune"
-    )
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_schema(cls, value: Any) -> Any:
+        return validate_method_settings(value) if isinstance(value, dict) else value
+
+    @property
+    def method_spec(self) -> Method:
+        return get_method(self.method.loss_type)
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> RunConfig:
@@ -286,29 +218,100 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
 
 
 def _translate_template(raw: dict[str, Any], *, source: str) -> dict[str, Any]:
-    translated, notes, warnings = translate_template(raw, source=source)
+    schemas = {
+        "model": ModelSettings,
+        "training": TrainingSettings,
+        "data": DataSettings,
+        "method.constraints": ConstraintSettings,
+    }
+    translated, notes, warnings = translate_template(raw, source=source, schemas=schemas)
     logger.warning("%s uses the `%s:` template; translated as:\n  %s", source, TEMPLATE_KEY, "\n  ".join(notes))
     for warning in warnings:
         logger.warning("%s: %s", source, warning)
     return translated
 
 
+def validate_method_settings(raw: dict[str, Any]) -> MethodSettings:
+    """Validate a `method:` mapping with the schema of the method its `loss_type` names."""
+    loss_type = raw.get("loss_type", DEFAULT_METHOD)
+    method = get_method(loss_type) if isinstance(loss_type, str) else get_method(DEFAULT_METHOD)
+    return method.settings.model_validate({**raw, "loss_type": loss_type})
+
+
 def validate_config(raw: dict[str, Any], *, source: str = "<config>") -> RunConfig:
+    """Validate everything at once: one error lists every problem, the method's keys checked by its own schema."""
+    raw = dict(raw)
+    problems: list[str] = []
+    method_raw = raw.get("method")
+    if isinstance(method_raw, dict):
+        try:
+            raw["method"] = validate_method_settings(method_raw)
+        except ConfigError as error:
+            problems.append(f"  method.loss_type: {error}")
+            raw.pop("method")
+        except ValidationError as error:
+            loss_type = method_raw.get("loss_type", DEFAULT_METHOD)
+            problems.append(format_validation_error(error, prefix="method", method=str(loss_type)))
+            raw.pop("method")
     try:
-        return RunConfig.model_validate(raw)
+        config = RunConfig.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(f"{source}: invalid configuration:\n{format_validation_error(error)}") from None
+        problems.append(format_validation_error(error))
+    if problems:
+        raise ConfigError(f"{source}: invalid configuration:\n" + "\n".join(problems)) from None
+    return config
 
 
-def format_validation_error(error: ValidationError) -> str:
+# Top-level keys people write without their section, and where they belong.
+def _section_of(key: str) -> str | None:
+    for section, field in RunConfig.model_fields.items():
+        annotation = field.annotation
+        fields = getattr(annotation, "model_fields", None)
+        if isinstance(fields, dict) and key in fields:
+            return section
+    for method in METHODS.values():
+        if key in method.settings.model_fields:
+            return "method"
+    return None
+
+
+def format_validation_error(error: ValidationError, *, prefix: str = "", method: str | None = None) -> str:
     lines = []
     for problem in error.errors():
-        key = ".".join(str(part) for part in problem["loc"]) or "<top level>"
+        parts = [str(part) for part in problem["loc"]]
+        key = ".".join([prefix, *parts] if prefix else parts) or "<top level>"
         if problem["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (check the spelling; `preftune config` prints every key)")
+            hint = "check the spelling; `preftune config` prints every key"
+            if method is not None:
+                hint = f"not a setting of loss_type {method}; `preftune config --method {method}` lists them"
+            elif len(parts) == 1 and (section := _section_of(parts[0])) is not None:
+                hint = f"did you mean {section}.{parts[0]}? (it belongs in the `{section}:` section)"
+            lines.append(f"  {key}: unknown key ({hint})")
         else:
             lines.append(f"  {key}: {problem['msg']} (got {problem.get('input')!r})")
     return "\n".join(lines)
+
+
+def describe_defaults(method_name: str = DEFAULT_METHOD) -> str:
+    """The library defaults for one method as commented YAML: every key, its default and what it does."""
+    method = get_method(method_name)
+    config = RunConfig(method=method.default_settings())
+    lines = [f"# preftune library defaults with method.loss_type: {method.name} ({method.summary})"]
+    _describe(config, lines, indent=0)
+    return "\n".join(lines) + "\n"
+
+
+def _describe(section: Section, lines: list[str], *, indent: int) -> None:
+    pad = "  " * indent
+    for name, field in type(section).model_fields.items():
+        value = getattr(section, name)
+        comment = f"  # {field.description}" if field.description else ""
+        if isinstance(value, Section):
+            lines.append(f"{pad}{name}:{comment}")
+            _describe(value, lines, indent=indent + 1)
+        else:
+            rendered = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+            lines.append(f"{pad}{name}: {rendered}{comment}")
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:

@@ -30,3 +30,7 @@ class ModelError(PreftuneError):
 
 class CheckpointError(PreftuneError):
     """A checkpoint that is missing, incomplete or does not match the run."""
+
+
+class TrainingInterrupted(PreftuneError):
+    """Ctrl-C or SIGTERM: the run stopped at a step boundary after writing a checkpoint."""

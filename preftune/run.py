@@ -6,13 +6,15 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import set_seed
 from rich.console import Console
+from rich.markup import escape
 
 from preftune.config import RunConfig
 from preftune.data.pipeline import prepare_examples
-from preftune.eval.report import write_report
-from preftune.losses import get_loss_spec
+from preftune.eval.html_report import build_report
+from preftune.methods import DataShape
 from preftune.model.loading import load_model, load_tokenizer
 from preftune.model.lora import apply_lora
+from preftune.train.setup import assemble
 from preftune.train.trainer import Trainer, TrainResult
 
 
@@ -21,17 +23,18 @@ def build_trainer(config: RunConfig, *, console: Console | None = None) -> Train
     console = console or Console(stderr=True)
     settings = config.model
     tokenizer = load_tokenizer(settings.name_or_path, trust_remote_code=settings.trust_remote_code)
-    paired = get_loss_spec(config.method.loss_type).paired
+    paired = config.method_spec.data_shape is DataShape.PAIRED
     data = prepare_examples(config.data, tokenizer, seed=config.training.seed, paired=paired)
     if PartialState(cpu=not torch.cuda.is_available()).is_main_process:
-        console.print(data.summary())
+        console.print(escape(data.summary()))
     model = load_model(settings.name_or_path, dtype=settings.dtype, trust_remote_code=settings.trust_remote_code)
     if settings.lora is not None:
         lora = settings.lora
         # The adapter's random init must be the same in every process and every run of this config.
         set_seed(config.training.seed)
         model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
-    return Trainer(config, policy=model, tokenizer=tokenizer, data=data, console=console)
+    parts = assemble(config, policy=model, train_examples=len(data.train))
+    return Trainer(config, parts, tokenizer=tokenizer, data=data, console=console)
 
 
 def train(config: RunConfig, *, console: Console | None = None) -> TrainResult:
@@ -39,7 +42,7 @@ def train(config: RunConfig, *, console: Console | None = None) -> TrainResult:
     trainer = build_trainer(config, console=console)
     result = trainer.train()
     if trainer.accelerator.is_main_process:
-        report = write_report(trainer, result)
-        trainer.console.print(f"\n[bold green]done[/]: {report}")
-        trainer.console.print(report.read_text(encoding="utf-8"))
+        report = build_report(result.run_dir)
+        trainer.console.print(escape(report.summary.read_text(encoding="utf-8")))
+        trainer.console.print(f"\n[bold green]done[/]: {escape(str(report.html))}")
     return result

@@ -31,6 +31,8 @@ from rich.console import Console  # noqa: E402
 from preftune.atomic import atomic_write_text  # noqa: E402
 from preftune.config import RunConfig, apply_override, validate_config  # noqa: E402
 from preftune.errors import ConfigError  # noqa: E402
+from preftune.eval.html_report import build_report  # noqa: E402
+from preftune.run import build_trainer  # noqa: E402
 
 COLUMNS = [
     ("eval/rewards/accuracies", "preference accuracy"),
@@ -93,8 +95,6 @@ def sweep_configs(config: RunConfig, param: str, values: list[Any]) -> list[RunC
 
 def run_sweep(config: RunConfig, param: str, values: list[Any], *, console: Console | None = None) -> SweepResult:
     """Train once per value, then write the table, CSV and plot into `config.output_dir`."""
-    from preftune.eval.report import write_report
-    from preftune.run import build_trainer
 
     console = console or Console(stderr=True)
     configs = sweep_configs(config, param, values)
@@ -106,7 +106,7 @@ def run_sweep(config: RunConfig, param: str, values: list[Any], *, console: Cons
         started = time.perf_counter()
         trainer = build_trainer(value_config, console=console)
         result = trainer.train()
-        write_report(trainer, result)
+        build_report(result.run_dir)
         metrics = dict(result.final_eval or {})
         if "eval/logps/chosen" in metrics and "eval/logps/rejected" in metrics:
             metrics["logps_gap"] = metrics["eval/logps/chosen"] - metrics["eval/logps/rejected"]

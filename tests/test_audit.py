@@ -4,7 +4,7 @@ import math
 import pytest
 
 from preftune.config import DataSettings
-from preftune.data import PreferencePair, load_pairs
+from preftune.data import Example, load_pairs
 from preftune.data.audit import (
     audit_pairs,
     audit_records,
@@ -13,14 +13,13 @@ from preftune.data.audit import (
     normalize_text,
     wilson_interval,
 )
-from preftune.data.kto import UnpairedExample
-from preftune.data.pipeline import prepare_pairs, resolve_data_path
-from preftune.errors import DataError
+from preftune.data.pipeline import prepare_examples, resolve_data_path
+from preftune.errors import ConfigError, DataError
 from tests.support import load_test_tokenizer
 
 
 def pair(prompt, chosen, rejected, line):
-    return PreferencePair(prompt, chosen, rejected, f"f.jsonl:{line}")
+    return Example.pair(prompt, chosen, rejected, f"f.jsonl:{line}")
 
 
 def pairs_with_differences(differences, start=1):
@@ -117,11 +116,11 @@ def test_format_and_script_heuristics():
 
 def test_unpaired_audit_counts_labels_conflicts_and_length_bias():
     examples = [
-        UnpairedExample("p", "xxxxx", True, "k:1"),
-        UnpairedExample("p", "yyyyy", True, "k:2"),
-        UnpairedExample("p", "x", False, "k:3"),
-        UnpairedExample("p", "zzzzz", False, "k:4"),
-        UnpairedExample("p", "xxxxx", False, "k:5"),  # same text as k:1 with the other label
+        Example.unpaired("p", "xxxxx", True, "k:1"),
+        Example.unpaired("p", "yyyyy", True, "k:2"),
+        Example.unpaired("p", "x", False, "k:3"),
+        Example.unpaired("p", "zzzzz", False, "k:4"),
+        Example.unpaired("p", "xxxxx", False, "k:5"),  # same text as k:1 with the other label
     ]
     audit = audit_records(examples)
     assert audit.kind == "unpaired"
@@ -137,8 +136,8 @@ def test_unpaired_audit_counts_labels_conflicts_and_length_bias():
 
 
 def test_unpaired_length_bias_is_flagged_with_a_seeded_bootstrap_interval():
-    examples = [UnpairedExample(f"p{i}", "long answer " * (1 + i % 3), True, f"k:{i}") for i in range(30)]
-    examples += [UnpairedExample(f"p{i}", "no" if i % 4 else "long answer long answer", False, f"k:{30 + i}") for i in range(30)]
+    examples = [Example.unpaired(f"p{i}", "long answer " * (1 + i % 3), True, f"k:{i}") for i in range(30)]
+    examples += [Example.unpaired(f"p{i}", "no" if i % 4 else "long answer long answer", False, f"k:{30 + i}") for i in range(30)]
     audit = audit_unpaired(examples)
     bias = audit.length_bias
     assert bias.direction == "longer" and bias.interval[0] > 0.5
@@ -187,7 +186,7 @@ def test_length_balance_refuses_to_remove_everything():
 def test_the_pipeline_balances_and_audits_the_training_split():
     settings = DataSettings(max_train_samples=40, max_validation_samples=4, max_length=96, length_balance=True)
     tokenizer = load_test_tokenizer()
-    data = prepare_pairs(settings, tokenizer, seed=0)
+    data = prepare_examples(settings, tokenizer, seed=0, paired=True)
     balance = data.balance
     assert balance.unit == "tokens"
     assert balance.after["chosen_longer"] == balance.after["chosen_shorter"]
@@ -196,5 +195,25 @@ def test_the_pipeline_balances_and_audits_the_training_split():
     assert data.audit.unit == "tokens"
     assert data.audit.length_bias.share_chosen_longer == 0.5
     assert "length balance (tokens)" in data.summary()
-    unbalanced = prepare_pairs(DataSettings(max_train_samples=40, max_validation_samples=4, max_length=96), tokenizer, seed=0)
+    unbalanced = prepare_examples(DataSettings(max_train_samples=40, max_validation_samples=4, max_length=96), tokenizer, seed=0, paired=True)
     assert unbalanced.balance is None and unbalanced.audit.count == 40
+
+
+def test_audit_records_tells_pairs_from_labelled_examples_and_counts_provenance():
+    pairs = [pair("q", "a", "b", 1), Example.pair("q2", "c", "d", "f.jsonl:2", provenance="synthetic")]
+    audit = audit_records(pairs)
+    assert audit.kind == "paired"  # a pair also has a `.completion` view; its two answers decide
+    assert audit.provenance == {"unknown": 1, "synthetic": 1}
+    assert "provenance: unknown 1 (50.0%), synthetic 1 (50.0%)" in audit.summary()
+    with pytest.raises(DataError, match="3 answer"):
+        audit_records([Example("q", ("a", "b", "c"), origin="g.jsonl:1")])
+
+
+def test_the_pipeline_refuses_to_length_balance_unpaired_records(tmp_path):
+    path = tmp_path / "kto.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": " a" * (1 + i), "label": i % 2 == 0}) + "\n" for i in range(6)))
+    settings = DataSettings(train_file=str(path), validation_file=None, validation_split=2, max_length=64, length_balance=True)
+    with pytest.raises(ConfigError, match="balances pairs"):
+        prepare_examples(settings, load_test_tokenizer(), seed=0, paired=False)
+    data = prepare_examples(settings.model_copy(update={"length_balance": False}), load_test_tokenizer(), seed=0, paired=False)
+    assert data.audit.kind == "unpaired" and data.audit.count == 4

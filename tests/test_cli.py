@@ -7,6 +7,7 @@ import json
 import yaml
 
 from preftune.cli import main
+from preftune.config import DEFAULT_CONFIG_PATH
 from tests.support import save_tiny_model, tiny_run_config
 
 
@@ -29,7 +30,8 @@ def test_train_command_writes_a_complete_run_folder(tmp_path, capsys):
         "summary.md",
         "data_report.txt",
         "plots/margins.png",
-        "plots/training.png",
+        "plots/training_curves.png",
+        "report.html",
         "final/adapter/adapter_model.safetensors",
         "final/merged/model.safetensors",
         "checkpoints/step-4/trainable.safetensors",
@@ -39,7 +41,7 @@ def test_train_command_writes_a_complete_run_folder(tmp_path, capsys):
     summary = (run_dir / "summary.md").read_text()
     assert "preference accuracy" in summary and "log p(rejected) per token" in summary
     # A fresh LoRA adapter leaves policy == reference: every margin is 0 before training, which ranks nothing.
-    assert "| preference accuracy | tie |" in summary and "0.5 = chance" in summary
+    assert "| preference accuracy | all tied |" in summary and "chance 0.5" in summary
 
 
 def test_config_errors_name_the_key_and_exit_without_a_traceback(tmp_path, capsys):
@@ -52,11 +54,19 @@ def test_config_errors_name_the_key_and_exit_without_a_traceback(tmp_path, capsy
     assert "Traceback" not in err
 
 
-def test_config_command_prints_the_resolved_default():
+def test_config_command_prints_library_defaults_with_descriptions_not_the_demo():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "preftune.cli", "config"], capture_output=True, text=True, check=True).stdout
-    resolved = yaml.safe_load(out)
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "preftune.cli", "config", *args], capture_output=True, text=True, check=True).stdout
+
+    defaults = run()
+    resolved = yaml.safe_load(defaults)
     assert resolved["model"]["name_or_path"] == "smollm2-135m"
-    assert resolved["method"]["loss_type"] == "cpo" and resolved["method"]["constraints"]["margin_threshold"] == 0.5
+    assert resolved["method"] == {"loss_type": "sigmoid", "beta": 0.1, "label_smoothing": 0.0}
+    assert "# β: strength of the preference term" in defaults
+    cpo = yaml.safe_load(run("--method", "cpo"))
+    assert cpo["method"]["loss_type"] == "cpo" and cpo["method"]["constraints"]["margin_threshold"] == 0.1
+    demo = yaml.safe_load(run("--config", str(DEFAULT_CONFIG_PATH)))
+    assert demo["method"]["loss_type"] == "cpo" and demo["method"]["constraints"]["margin_threshold"] == 0.5

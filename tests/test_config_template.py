@@ -12,6 +12,7 @@ import pytest
 from preftune.cli import main
 from preftune.config import load_config
 from preftune.errors import ConfigError
+from preftune.runfolder import DATA_AUDIT, DATA_REPORT
 from tests.support import save_tiny_model
 
 TEMPLATE = """\
@@ -45,13 +46,24 @@ def test_the_template_as_written_loads_and_maps_every_key(tmp_path, caplog):
     assert (constraints.violation_alert, constraints.patience) == (0.05, 3)
     assert config.monitoring.negative_margin_alert == 0.15
     assert (config.data.max_validation_samples, config.data.max_length) == (500, 2048)
-    recorded = config.not_yet_applied
-    assert (recorded.synthetic_ratio, recorded.human_ratio, recorded.kl_divergence_threshold) == (0.7, 0.3, 0.15)
+    assert (config.data.human_ratio, config.data.kl_divergence_threshold) == (0.3, 0.15)
+    assert "not_yet_applied" not in type(config).model_fields
     log = caplog.text
     assert "preference_training.optimization.batch_size → training.per_device_train_batch_size" in log
     assert "preference_training.monitoring.validation_size → data.max_validation_samples" in log
-    for key in ("synthetic_ratio", "human_ratio", "kl_divergence_threshold"):
-        assert f"not_yet_applied.{key} but NOT applied" in log
+    assert "preference_training.data.human_ratio → data.human_ratio = 0.3" in log
+    assert "preference_training.data.kl_divergence_threshold → data.kl_divergence_threshold = 0.15" in log
+    assert "preference_training.data.synthetic_ratio = 0.7: consistent with human_ratio = 1 − synthetic_ratio" in log
+    assert "it acts on data.sources" in log  # the floor has no files tagged human/synthetic here
+
+
+def test_synthetic_ratio_alone_sets_human_ratio_and_must_agree_with_it(tmp_path):
+    alone = load_config(_write(tmp_path, TEMPLATE.replace("human_ratio: 0.3, ", "")))
+    assert alone.data.human_ratio == 0.3  # 1 − 0.7, without the float's 0.30000000000000004
+    with pytest.raises(ConfigError, match=r"synthetic_ratio: 0.6 and human_ratio 0.3 do not add up to 1"):
+        load_config(_write(tmp_path, TEMPLATE.replace("synthetic_ratio: 0.7", "synthetic_ratio: 0.6")))
+    with pytest.raises(ConfigError, match=r"synthetic_ratio: 1.5: expected the synthetic share"):
+        load_config(_write(tmp_path, TEMPLATE.replace("synthetic_ratio: 0.7, human_ratio: 0.3", "synthetic_ratio: 1.5")))
 
 
 @pytest.mark.parametrize(
@@ -89,7 +101,7 @@ def test_overrides_reach_the_template_or_the_translated_config(tmp_path):
 def test_a_template_for_another_method_drops_the_constraints_with_a_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="preftune.config"):
         config = load_config(_write(tmp_path, TEMPLATE.replace('method: "cpo"', 'method: "dpo"')))
-    assert config.method.loss_type == "dpo" and config.method.constraints is None
+    assert config.method.loss_type == "dpo" and not hasattr(config.method, "constraints")
     assert "preference_training.constraints.margin_threshold ignored" in caplog.text
 
 
@@ -112,3 +124,87 @@ def test_the_template_trains_with_only_the_model_and_data_paths_changed(tmp_path
     state = json.loads((run / "final" / "lagrangian_state.json").read_text())
     assert [entry["step"] for entry in state["history"]] == [1, 2, 3]
     assert "loss_type: cpo" in (run / "config.yaml").read_text()
+
+
+DESIGN_TEMPLATE = """\
+preference_training:
+  model:
+    policy_path: "models/base_llm_v2"
+    reference_path: "models/base_llm_v2" # Must match policy initialization
+    freeze_reference: true
+  optimization:
+    policy_lr: 1.0e-5
+    policy_weight_decay: 0.01
+    lagrangian_lr: 0.01
+    margin_threshold: 0.1
+    gradient_clip_norm: 1.0
+    batch_size: 4
+    gradient_accumulation_steps: 8
+  constraints:
+    enforce_positive_margin: true
+    normalize_by_length: true
+    multiplier_clamp_min: 0.0
+    violation_alert_threshold: 0.05
+  monitoring:
+    track_preference_accuracy: true
+    track_margin_distribution: true
+    divergence_alert: true
+    evaluation_interval_steps: 500
+  data:
+    preference_source: "mixed_human_synthetic"
+    human_ratio: 0.3
+    max_sequence_length: 2048
+    kl_divergence_threshold: 0.15
+"""
+
+
+def test_the_design_documents_template_verbatim_is_constrained_dpo_with_every_key_mapped(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="preftune.config"):
+        config = load_config(_write(tmp_path, DESIGN_TEMPLATE))
+    assert config.method.loss_type == "cpo"  # enforce_positive_margin: true
+    constraints = config.method.constraints
+    assert (constraints.lagrangian_lr, constraints.margin_threshold, constraints.length_normalize) == (0.01, 0.1, True)
+    assert constraints.violation_alert == 0.05
+    training = config.training
+    assert (training.learning_rate, training.weight_decay, training.max_grad_norm) == (1e-5, 0.01, 1.0)
+    assert (training.per_device_train_batch_size, training.gradient_accumulation_steps, training.eval_steps) == (4, 8, 500)
+    assert config.monitoring.negative_margin_alert == 0.15
+    assert config.data.max_length == 2048
+    assert "the template names no data files; give them as data.train_file" in caplog.text
+
+
+def test_every_problem_of_a_template_is_reported_at_once(tmp_path):
+    broken = (
+        DESIGN_TEMPLATE.replace("policy_lr:", "policy_lrr:")
+        .replace("multiplier_clamp_min: 0.0", "multiplier_clamp_min: 0.5")
+        .replace('reference_path: "models/base_llm_v2"', 'reference_path: "models/other"')
+    )
+    with pytest.raises(ConfigError) as raised:
+        load_config(_write(tmp_path, broken))
+    message = str(raised.value)
+    assert "3 problem(s)" in message
+    assert "optimization.policy_lrr: unknown key" in message
+    assert "multiplier_clamp_min: 0.5" in message and "reference_path" in message
+
+
+def test_the_design_template_trains_as_written_with_only_paths_changed(tmp_path, monkeypatch):
+    model_dir = save_tiny_model(tmp_path / "tiny-model")
+    for split, pairs in (("train", 12), ("validation", 4)):
+        shortest = sorted((EMBEDDED_HH / f"{split}.jsonl").read_text(encoding="utf-8").splitlines(), key=len)[:pairs]
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(shortest) + "\n", encoding="utf-8")
+    text = DESIGN_TEMPLATE.replace('"models/base_llm_v2"', f'"{model_dir}"').replace(
+        "  data:\n", f'  data:\n    train_file: "{tmp_path / "train.jsonl"}"\n    validation_file: "{tmp_path / "validation.jsonl"}"\n'
+    )
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", str(_write(tmp_path, text))]) == 0
+    run = tmp_path / "runs" / "preftune"
+    assert "loss_type: cpo" in (run / "config.yaml").read_text()
+    assert "human_ratio: 0.3" in (run / "config.yaml").read_text()
+    assert json.loads((run / "final" / "lagrangian_state.json").read_text())["history"]
+    # hh-rlhf records carry no provenance: the floor is a no-op the run's data summary says
+    summary = (run / DATA_REPORT).read_text(encoding="utf-8")
+    assert "data warning: data.human_ratio 0.3 NOT applied" in summary
+    evidence = json.loads((run / DATA_AUDIT).read_text(encoding="utf-8"))  # the report's Data audit section reads it
+    kept = int(re.search(r"train\.jsonl \(hh_rlhf\): read 12, kept (\d+)", summary).group(1))
+    assert evidence["audit"]["kind"] == "paired" and evidence["audit"]["count"] == kept  # the training split as trained
+    assert [w.split(":")[0] for w in evidence["warnings"]] == ["data.human_ratio 0.3 NOT applied"]

@@ -7,16 +7,25 @@ import math
 import pytest
 import torch
 
-from preftune.config import ConstraintSettings, validate_config
+from preftune.config import validate_config
 from preftune.errors import ConfigError
 from preftune.logprobs import SequenceLogps
-from preftune.losses import PairLogps, get_loss_spec
 from preftune.losses.contrastive_cpo import contrastive_cpo_loss
-from preftune.losses.cpo import constrained_dpo_loss, effective_threshold
+from preftune.losses.cpo import constrained_dpo_loss as constrained_dpo_formula
+from preftune.methods import PairLogps, get_method
+from preftune.methods.cpo import ConstraintSettings, constraint_margin
 
 
 def _neg_log_sigmoid(x: float) -> float:
     return math.log1p(math.exp(-x))
+
+
+def constrained_dpo_loss(policy: PairLogps, reference: PairLogps, *, length_normalize: bool = True, **options):
+    """The pure formula on pair log-probs, with the method's margin (means or sums)."""
+    margin = constraint_margin(policy, reference, length_normalize=length_normalize)
+    return constrained_dpo_formula(
+        policy.chosen.sum, policy.rejected.sum, reference.chosen.sum, reference.rejected.sum, margin, **options
+    )
 
 
 def _pairs(chosen_sums, chosen_counts, rejected_sums, rejected_counts, *, requires_grad: bool = False) -> PairLogps:
@@ -74,16 +83,15 @@ def test_label_smoothing_reaches_the_dpo_part():
 )
 def test_threshold_is_divided_by_temperature_when_scaled(temperature, scaled, expected):
     settings = ConstraintSettings(margin_threshold=0.1, temperature=temperature, temperature_scaled_threshold=scaled)
-    assert effective_threshold(settings) == pytest.approx(expected)
+    assert settings.threshold == pytest.approx(expected)
 
 
 def test_registered_loss_uses_the_configured_threshold_and_normalisation():
     method = validate_config(
         {"method": {"loss_type": "constrained_dpo", "beta": 0.1, "constraints": {"temperature": 0.25, "length_normalize": True}}}
     ).method
-    loss = get_loss_spec(method.loss_type).build(method)
-    loss.lagrange_multiplier = 2.0
-    out = loss(_pairs(**POLICY), REFERENCE)
+    loss = get_method(method.loss_type).build_loss(method)
+    out = loss(_pairs(**POLICY), REFERENCE, lagrange_multiplier=2.0)
     assert out.metrics["constraint/hinge"].tolist() == pytest.approx([0.15, 0.9])
     assert out.losses.tolist() == pytest.approx([DPO[0] + 0.3, DPO[1] + 1.8], rel=1e-6)
 
@@ -103,8 +111,8 @@ def test_gradient_is_dpo_gradient_plus_lambda_over_length_and_never_reaches_lamb
 
 
 def test_cpo_and_contrastive_cpo_are_different_registered_losses():
-    constrained, contrastive = get_loss_spec("cpo"), get_loss_spec("contrastive_cpo")
-    assert get_loss_spec("constrained_dpo") is constrained
+    constrained, contrastive = get_method("cpo"), get_method("contrastive_cpo")
+    assert get_method("constrained_dpo") is constrained
     assert constrained.needs_reference and not contrastive.needs_reference
     assert "CONSTRAINED" in constrained.summary and "contrastive_cpo" in constrained.summary
     assert "CONTRASTIVE" in contrastive.summary and "Xu et al. 2024" in contrastive.summary
@@ -112,7 +120,7 @@ def test_cpo_and_contrastive_cpo_are_different_registered_losses():
 
 def test_contrastive_cpo_matches_hand_calculation():
     policy = _pairs([-10.0, -6.0], [5.0, 3.0], [-12.0, -3.0], [4.0, 2.0])
-    out = contrastive_cpo_loss(policy, beta=0.1, alpha=0.5)
+    out = contrastive_cpo_loss(policy.chosen.sum, policy.rejected.sum, policy.chosen.mean, beta=0.1, alpha=0.5)
     # h = 0.1 · (c − r) = [0.2, -0.3]; NLL = −mean log πθ(c) = [2, 2]
     expected = [_neg_log_sigmoid(0.2) + 0.5 * 2.0, _neg_log_sigmoid(-0.3) + 0.5 * 2.0]
     assert out.losses.tolist() == pytest.approx(expected, rel=1e-6)
@@ -122,7 +130,7 @@ def test_contrastive_cpo_matches_hand_calculation():
 
 def test_contrastive_cpo_ignores_any_reference_and_raises_the_chosen_likelihood():
     method = validate_config({"method": {"loss_type": "contrastive_cpo", "beta": 0.1, "cpo_alpha": 1.0}}).method
-    loss = get_loss_spec("contrastive_cpo").build(method)
+    loss = get_method("contrastive_cpo").build_loss(method)
     policy = _pairs([-10.0], [5.0], [-10.0], [5.0], requires_grad=True)
     out = loss(policy, None)
     assert out.losses.item() == pytest.approx(loss(policy, REFERENCE).losses[0].item())

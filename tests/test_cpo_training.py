@@ -8,10 +8,10 @@ import shutil
 import pytest
 import torch
 
-from preftune.eval.report import write_report
+from preftune.eval.html_report import build_report
 from preftune.run import build_trainer
-from preftune.train.lagrangian import dual_step
-from preftune.train.metrics_log import read_metrics
+from preftune.methods.lagrangian import dual_step
+from preftune.runfolder import read_jsonl as read_metrics
 from tests.support import save_tiny_model, tiny_run_config
 
 # Early in training policy ≈ reference, so per-pair margins are near 0: τ = 5 is violated by every pair,
@@ -51,7 +51,7 @@ def _replay(history, settings, start):
 
 def test_lambda_rises_while_margins_are_below_the_threshold(tmp_path, model_dir):
     trainer = _cpo_trainer(tmp_path, model_dir, constraints={"margin_threshold": UNREACHABLE, "lagrangian_lr": 0.01})
-    assert type(trainer.loss.lagrange_multiplier) is float  # a plain number, not a tensor the optimiser could own
+    assert type(_controller(trainer).loss_inputs()["lagrange_multiplier"]) is float  # a plain number, not a tensor the optimiser could own
     trainer.train()
     history = _controller(trainer).history
     settings = trainer.config.method.constraints
@@ -148,7 +148,7 @@ def test_resume_reproduces_lambda_its_history_the_lr_cuts_weights_and_metrics_ex
 
     assert resumed.state.global_step == straight.state.global_step == 6
     assert _controller(resumed).history == _controller(straight).history
-    assert resumed.loss.lagrange_multiplier == straight.loss.lagrange_multiplier > 0
+    assert _controller(resumed).multiplier == _controller(straight).multiplier > 0
     assert _controller(resumed, "constraint_violation_lr").state_dict() == _controller(straight, "constraint_violation_lr").state_dict()
     assert _controller(straight, "constraint_violation_lr").reductions  # the LR rule really acted in this run
     for (name, a), (_, b) in zip(straight.policy.named_parameters(), resumed.policy.named_parameters()):
@@ -162,14 +162,16 @@ def test_resume_reproduces_lambda_its_history_the_lr_cuts_weights_and_metrics_ex
 def test_the_final_lagrangian_state_is_exported_next_to_the_model_and_reported(tmp_path, model_dir):
     trainer = _cpo_trainer(tmp_path, model_dir, constraints={"margin_threshold": UNREACHABLE, "temperature": 2.0})
     result = trainer.train()
-    summary = write_report(trainer, result).read_text()
+    summary = build_report(result.run_dir).summary.read_text()
     history = _controller(trainer).history
-    assert f"λ: final {history[-1]['lambda']:.4g}, max {max(e['lambda'] for e in history):.4g}" in summary
+    assert f"λ at the end: {history[-1]['lambda']:.4g}" in summary
+    assert f"λ peaked at {max(e['lambda'] for e in history):.4g}" in summary
     assert "| pairs below the CPO margin threshold τ | 1.0000 | 1.0000 |" in summary
     assert "validation loss (includes λ · hinge)" in summary and "not judged" in summary
+    assert (tmp_path / "run" / "plots" / "cpo_curves.png").is_file()
     state = json.loads((tmp_path / "run" / "final" / "lagrangian_state.json").read_text())
     assert (tmp_path / "run" / "final" / "adapter").is_dir()
-    assert state["lambda"] == trainer.loss.lagrange_multiplier > 0
+    assert state["lambda"] == _controller(trainer).multiplier > 0
     assert state["threshold"] == UNREACHABLE / 2.0  # temperature-scaled τ
     assert state["monitored_metric"] == "constraint/hinge"
     assert state["settings"]["margin_threshold"] == UNREACHABLE

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from preftune.data import PreferencePair, load_pairs
+from preftune.data import Example, load_pairs
 from preftune.errors import DataError
 
 PAIR_RECORDS = [
@@ -24,7 +24,7 @@ def write_jsonl(path, records) -> str:
     return str(path)
 
 
-def texts(pairs: list[PreferencePair]) -> list[tuple[str, str, str]]:
+def texts(pairs: list[Example]) -> list[tuple[str, str, str]]:
     return [(pair.prompt, pair.chosen, pair.rejected) for pair in pairs]
 
 
@@ -36,15 +36,15 @@ def test_hh_rlhf_train_counts_and_skip_reasons(hh_train_path):
     assert (report.format, report.read, report.kept, len(pairs)) == ("hh_rlhf", 1796, 1790, 1790)
     assert report.skipped == {"empty_answer": 4, "no_shared_prompt": 2}
     # Checked by hand: line 70's chosen answer is a lone space; 1297 and 1508 differ before the final turn.
-    assert report.examples["empty_answer"] == [f"{hh_train_path}:{line}" for line in (70, 402, 708)]
-    assert report.examples["no_shared_prompt"] == [f"{hh_train_path}:{line}" for line in (1297, 1508)]
+    assert report.skipped_at["empty_answer"] == [f"{hh_train_path}:{line}" for line in (70, 402, 708, 848)]
+    assert report.skipped_at["no_shared_prompt"] == [f"{hh_train_path}:{line}" for line in (1297, 1508)]
     assert "empty_answer 4 (e.g. line 70, line 402, line 708, ...)" in report.summary()
 
 
 def test_hh_rlhf_validation_counts(hh_validation_path):
     pairs, report = load_pairs(hh_validation_path)
     assert (report.read, report.kept, report.skipped) == (289, 286, {"no_shared_prompt": 3})
-    assert report.examples["no_shared_prompt"] == [f"{hh_validation_path}:{line}" for line in (152, 252, 263)]
+    assert report.skipped_at["no_shared_prompt"] == [f"{hh_validation_path}:{line}" for line in (152, 252, 263)]
 
 
 @pytest.mark.parametrize("split", ["train", "validation"])
@@ -165,7 +165,7 @@ def test_json_record_errors_name_the_record(tmp_path):
     ("name", "content", "message"),
     [
         ("data.csv", "prompt,chosen,rejected\n", r"unsupported data file type '\.csv'"),
-        ("data.json", '{"rows": []}', r"must hold a list of records"),
+        ("data.json", '{"rows": 3, "ids": [], "more": []}', r"must hold a list of records.*under one of data, train"),
         ("data.json", "[{]", r"not valid JSON"),
         ("data.parquet", "not parquet", r"not a readable Parquet file"),
         ("empty.jsonl", "\n\n", r"no usable preference pairs"),
@@ -226,3 +226,24 @@ def test_chat_format_without_a_chat_template_says_how_to_fix_it(tmp_path, metasp
     for tokenizer in (None, metaspace_tokenizer):
         with pytest.raises(DataError, match=r"need a tokenizer with a chat template.*tokenizer\.chat_template"):
             load_pairs(path, tokenizer=tokenizer)
+
+
+def test_the_shipped_readme_lists_exactly_the_records_skipped(hh_train_path, hh_validation_path):
+    readme = (hh_train_path.parent / "README.md").read_text(encoding="utf-8")
+    documented = {
+        (name, int(line), reason) for name, line, reason in re.findall(r"^\| (\w+\.jsonl) \| (\d+) \| (\w+) \|", readme, flags=re.MULTILINE)
+    }
+    skipped = set()
+    for path in (hh_train_path, hh_validation_path):
+        _, report = load_pairs(path)
+        for reason, origins in report.skipped_at.items():
+            skipped |= {(path.name, int(origin.rsplit(":", 1)[1]), reason) for origin in origins}
+    assert documented == skipped and len(skipped) == 9
+
+
+@pytest.mark.parametrize(("split", "line", "reason"), [("train", 70, "empty_answer"), ("validation", 152, "no_shared_prompt")])
+def test_skip_invalid_false_stops_at_the_first_documented_record(split, line, reason, hh_train_path, hh_validation_path):
+    path = {"train": hh_train_path, "validation": hh_validation_path}[split]
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:{line}: .*\[{reason}\]") as caught:
+        load_pairs(path, skip_invalid=False)
+    assert caught.value.line == line

@@ -10,8 +10,9 @@ import torch
 from preftune.cli import main
 from preftune.config import DataSettings
 from preftune.data.collate import collate_unpaired
-from preftune.data.formats import load_pairs
-from preftune.data.kto import TokenizedUnpaired, convert_to_kto, load_unpaired_records, pairs_to_unpaired
+from preftune.data.formats import load_examples, load_pairs
+from preftune.data.kto import convert_to_kto, pairs_to_unpaired
+from preftune.data.records import TokenizedExample
 from preftune.data.pipeline import prepare_examples
 from preftune.errors import DataError
 from preftune.logprobs import sequence_logps, unshared_sequence_logps
@@ -34,12 +35,12 @@ def test_unpaired_records_load_with_counted_skips(tmp_path):
             {"prompt": "Q: x\nA:", "completion": "  ", "label": True},
         ],
     )
-    examples, report = load_unpaired_records(path)
+    examples, report = load_examples(path)
     assert [(e.completion, e.label) for e in examples] == [(" hello", True), (" go away", False)]
     assert report.skipped == {"missing_field": 1, "wrong_type": 1, "empty_answer": 1}
     assert examples[1].source == f"{path}:2"
     with pytest.raises(DataError, match=r"kto.jsonl:3.*'label'"):
-        load_unpaired_records(path, skip_invalid=False)
+        load_examples(path, skip_invalid=False)
 
 
 def test_chat_unpaired_records_render_the_prompt_with_the_chat_template(tmp_path, bytebpe_tokenizer):
@@ -47,7 +48,7 @@ def test_chat_unpaired_records_render_the_prompt_with_the_chat_template(tmp_path
         tmp_path / "kto.jsonl",
         [{"prompt": [{"role": "user", "content": "Hi?"}], "completion": [{"role": "assistant", "content": "Hello!"}], "label": False}],
     )
-    (example,), _ = load_unpaired_records(path, tokenizer=bytebpe_tokenizer)
+    (example,), _ = load_examples(path, tokenizer=bytebpe_tokenizer)
     assert example.prompt == bytebpe_tokenizer.apply_chat_template(
         [{"role": "user", "content": "Hi?"}], tokenize=False, add_generation_prompt=True
     )
@@ -59,7 +60,7 @@ def test_converted_pairs_read_back_as_chosen_true_and_rejected_false(tmp_path, h
     source.write_text("".join(hh_train_path.read_text(encoding="utf-8").splitlines(keepends=True)[:5]), encoding="utf-8")
     pairs, _ = load_pairs(source)
     written, _ = convert_to_kto(source, tmp_path / "kto.jsonl")
-    examples, report = load_unpaired_records(tmp_path / "kto.jsonl")
+    examples, report = load_examples(tmp_path / "kto.jsonl")
     assert written == len(examples) == 2 * len(pairs) and not report.skipped
     for pair, chosen, rejected in zip(pairs, examples[0::2], examples[1::2]):
         assert (chosen.prompt, chosen.completion, chosen.label) == (pair.prompt, pair.chosen, True)
@@ -82,7 +83,7 @@ def test_kto_training_reads_a_paired_file_directly_and_splits_pairs_before_unpai
     settings = DataSettings(validation_file=None, validation_split=2, max_train_samples=6, max_length=96)
     data = prepare_examples(settings, tokenizer, seed=0, paired=False)
     assert len(data.train) == 12 and len(data.validation) == 4
-    assert all(isinstance(e, TokenizedUnpaired) for e in data.train + data.validation)
+    assert all(isinstance(e, TokenizedExample) and len(e.answer_ids) == 1 for e in data.train + data.validation)
     assert [e.label for e in data.train[:4]] == [True, False, True, False]
     train_sources = {e.source.rsplit(" ", 1)[0] for e in data.train}
     assert not train_sources & {e.source.rsplit(" ", 1)[0] for e in data.validation}  # no pair straddles the split
@@ -100,9 +101,9 @@ def test_mismatched_completions_are_scored_under_each_examples_own_prompt():
     tokenizer = load_test_tokenizer()
     model = tiny_llama(len(tokenizer)).eval()
     examples = [
-        TokenizedUnpaired([5, 6, 7], [8, 9, 2], True, "a"),
-        TokenizedUnpaired([10, 11], [12, 2], False, "b"),
-        TokenizedUnpaired([13, 14, 15, 16], [17, 18, 19, 2], True, "c"),
+        TokenizedExample([5, 6, 7], ([8, 9, 2],), (True,), origin="a"),
+        TokenizedExample([10, 11], ([12, 2],), (False,), origin="b"),
+        TokenizedExample([13, 14, 15, 16], ([17, 18, 19, 2],), (True,), origin="c"),
     ]
     batch = collate_unpaired(examples, pad_id=tokenizer.pad_token_id)
     with torch.no_grad():

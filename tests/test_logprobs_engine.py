@@ -173,3 +173,23 @@ def test_dpo_loss_and_gradients_equal_the_plain_two_sequence_computation(pairs, 
     torch.testing.assert_close(fast.detach(), plain.detach(), rtol=1e-5, atol=1e-5)
     for name in plain_grads:
         assert_grads_close(fast_grads[name], plain_grads[name], name)
+
+
+def test_per_token_log_probs_and_hidden_states_match_the_plain_forward(tokenizer, pairs):
+    model = tiny_llama(len(tokenizer)).eval()
+    batch = collate_pairs(pairs, pad_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        logps = sequence_logps(model, batch, per_token=True, hidden_states=True)
+        # The token log-probs add up to the per-sequence sums, sequence by sequence.
+        summed = torch.zeros_like(logps.sum).index_add(0, batch.target_sequence, logps.token_logps)
+        torch.testing.assert_close(summed, logps.sum)
+        # Each answer's token log-probs equal the plain unpacked forward's, token by token.
+        first = pairs[0]
+        sequence = torch.tensor([first.prompt_ids + first.chosen_ids])
+        plain = torch.log_softmax(model(input_ids=sequence).logits[0, :-1].float(), -1)
+        targets = sequence[0, 1:]
+        expected = plain.gather(-1, targets[:, None]).squeeze(-1)[len(first.prompt_ids) - 1 :]
+        torch.testing.assert_close(logps.token_logps[batch.target_sequence == 0], expected, **LOGPS_TOLERANCE)
+        # The hidden states are the final decoder states at the predicting positions.
+        hidden = model.model(input_ids=sequence).last_hidden_state[0, len(first.prompt_ids) - 1 : -1]
+        torch.testing.assert_close(logps.hidden[batch.target_sequence == 0], hidden, rtol=1e-4, atol=1e-4)

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from preftune.config import MethodSettings
+from preftune.config import validate_method_settings
 from preftune.logprobs import SequenceLogps
-from preftune.losses import LOSSES, PairLogps, get_loss_spec
+from preftune.methods import METHODS, PairLogps, get_method
 from preftune.losses.dpo import dpo_loss
 from preftune.losses.hinge import hinge_loss
 from preftune.losses.ipo import ipo_loss
@@ -32,7 +32,7 @@ def _pair(chosen_sum, chosen_count, rejected_sum, rejected_count) -> PairLogps:
 
 
 def _loss(loss_type: str, **method):
-    return get_loss_spec(loss_type).build(MethodSettings(loss_type=loss_type, **method))
+    return get_method(loss_type).build_loss(validate_method_settings({"loss_type": loss_type, **method}))
 
 
 # ---- IPO ----------------------------------------------------------------------------------------
@@ -184,6 +184,6 @@ def test_sft_is_the_chosen_nll_and_ignores_the_rejected_answer():
 
 
 def test_reference_free_losses_declare_it():
-    needs = {name: spec.needs_reference for name, spec in LOSSES.items()}
+    needs = {name: method.needs_reference for name, method in METHODS.items()}
     assert {name for name, value in needs.items() if not value} >= {"simpo", "orpo", "sft"}
     assert needs["ipo"] and needs["hinge"] and needs["robust"] and needs["sigmoid"]

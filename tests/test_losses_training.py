@@ -11,9 +11,9 @@ import yaml
 
 from preftune.config import load_config
 from preftune.errors import ConfigError
-from preftune.losses import LOSSES
+from preftune.methods import METHODS
 from preftune.run import build_trainer
-from preftune.train import trainer as trainer_module
+from preftune.train import setup as training_setup
 from tests.support import save_tiny_model
 
 PAIRWISE = {
@@ -25,7 +25,7 @@ PAIRWISE = {
     "orpo": {},
     "sft": {},
 }
-REFERENCE_FREE = sorted(name for name, spec in LOSSES.items() if not spec.needs_reference)
+REFERENCE_FREE = sorted(name for name, method in METHODS.items() if not method.needs_reference)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_reference_free_losses_never_create_or_run_a_reference(tmp_path, model_d
     def no_reference(*args, **kwargs):
         raise AssertionError(f"{loss_type} created a reference model")
 
-    monkeypatch.setattr(trainer_module, "ReferenceModel", no_reference)
+    monkeypatch.setattr(training_setup, "ReferenceModel", no_reference)
     trainer = build_trainer(_yaml_config(tmp_path, model_dir, loss_type, PAIRWISE.get(loss_type, {}), max_steps=2))
     assert trainer.reference is None
 

@@ -4,15 +4,17 @@ import math
 import pytest
 
 from preftune.config import DataSettings
-from preftune.data import PreferencePair
+from preftune.data import Example
 from preftune.data.mixing import SourceGroup, groups_by_provenance, histogram_kl, kl_divergence, mix_sources
-from preftune.data.pipeline import prepare_pairs
+from preftune.data.pipeline import prepare_examples
 from preftune.errors import ConfigError, DataError
 from tests.support import load_test_tokenizer
 
 
-def pairs(n, tag, difference=0):
-    return [PreferencePair(f"{tag} q{i}", "x" * (5 + difference), "x" * 5, f"{tag}.jsonl:{i + 1}") for i in range(n)]
+def pairs(n, tag, difference=0, provenance=None):
+    return [
+        Example.pair(f"{tag} q{i}", "x" * (5 + difference), "x" * 5, f"{tag}.jsonl:{i + 1}", provenance=provenance) for i in range(n)
+    ]
 
 
 def test_kl_of_two_known_histograms():
@@ -42,7 +44,8 @@ def test_human_ratio_is_a_floor_met_by_subsampling_synthetic_data():
     assert [g.subsampled_for_ratio for g in report.groups] == [0, 12, 8]
     assert report.achieved_human_ratio == pytest.approx(0.7)
     assert len(mixed) == 100
-    assert mixed[:70] == groups[0].pairs  # human data is never touched
+    assert [p.prompt for p in mixed[:70]] == [p.prompt for p in groups[0].pairs]  # human data is never touched
+    assert [p.provenance for p in mixed] == ["human"] * 70 + ["synthetic"] * 30  # the group's provenance fills the pairs'
     synth_a = [p for p in mixed if p.prompt.startswith("synthA")]
     assert synth_a == sorted(synth_a, key=lambda p: int(p.source.rsplit(":", 1)[1]))  # file order kept
     assert mix_sources(groups, human_ratio=0.7, seed=1)[0] == mixed
@@ -97,7 +100,7 @@ def test_outlier_filter_keeps_synthetic_pairs_inside_the_human_quantile_range():
     mixed, report = mix_sources(groups, filter_outliers=True)
     assert report.outlier_range == pytest.approx((4.95, 94.05))
     assert report.groups[1].filtered_outliers == 2
-    assert mixed[100:] == [synthetic[1]]
+    assert [p.origin for p in mixed[100:]] == [synthetic[1].origin]
     assert report.statistic == "the given statistic"
     assert report.kl_before is not None and report.kl_after is not None
     with pytest.raises(ConfigError, match="every source group"):
@@ -115,8 +118,33 @@ def test_groups_from_a_parallel_list_or_a_mapping():
     assert len(by_mapping) == 1 and by_mapping[0].pairs == items
 
 
-def write_pairs(path, n, tag):
-    path.write_text("".join(json.dumps({"prompt": f"{tag} {i}?", "chosen": " yes" * (1 + i % 3), "rejected": " no"}) + "\n" for i in range(n)))
+def test_groups_from_the_records_own_provenance_and_the_source_wins_over_it():
+    items = pairs(2, "h", provenance="human") + pairs(3, "s", provenance="synthetic") + pairs(1, "h2", provenance="human")
+    groups = groups_by_provenance(items)
+    assert [(g.provenance, [p.origin for p in g.pairs]) for g in groups] == [
+        ("human", ["h.jsonl:1", "h.jsonl:2", "h2.jsonl:1"]),
+        ("synthetic", ["s.jsonl:1", "s.jsonl:2", "s.jsonl:3"]),
+    ]
+    mixed, _ = mix_sources(groups)
+    assert all(any(p is q for q in items) for p in mixed)  # pairs that already say their group's provenance come back as they are
+    with pytest.raises(DataError, match=r"1 of 3 pairs carry no provenance \(e.g. x.jsonl:1\)"):
+        groups_by_provenance(pairs(1, "x") + pairs(2, "y", provenance="human"))
+    # a file listed as synthetic whose records say human: the source sets the provenance, and says so
+    mixed, report = mix_sources([SourceGroup(pairs(4, "h"), "human"), SourceGroup(pairs(2, "s", provenance="human"), "synthetic")])
+    assert [p.provenance for p in mixed] == ["human"] * 4 + ["synthetic"] * 2
+    assert [g.relabelled for g in report.groups] == [0, 2]
+    assert "2 of them said they were human: relabelled synthetic" in report.summary()
+    assert any("sets the provenance of the whole file" in w for w in report.warnings)
+
+
+def write_pairs(path, n, tag, provenance=lambda i: None):
+    records = []
+    for i in range(n):
+        record = {"prompt": f"{tag} {i}?", "chosen": " yes" * (1 + i % 3), "rejected": " no"}
+        if provenance(i) is not None:
+            record["provenance"] = provenance(i)
+        records.append(json.dumps(record) + "\n")
+    path.write_text("".join(records))
     return str(path)
 
 
@@ -131,7 +159,7 @@ def test_the_pipeline_mixes_data_sources_with_the_human_floor(tmp_path):
         validation_split=2,
         max_length=64,
     )
-    data = prepare_pairs(settings, load_test_tokenizer(), seed=0)
+    data = prepare_examples(settings, load_test_tokenizer(), seed=0, paired=True)
     assert settings.train_file is None
     assert [g.kept for g in data.mix.groups] == [14, 6]  # floor(14 · 0.3 / 0.7) = 6 synthetic pairs
     assert len(data.load_reports) == 2
@@ -139,3 +167,31 @@ def test_the_pipeline_mixes_data_sources_with_the_human_floor(tmp_path):
     assert data.audit.count == 18
     assert "mix: 20 pairs, human share 0.700 (floor 0.7)" in data.summary()
     assert "tokens" in data.mix.statistic
+
+
+def test_the_pipeline_applies_the_floor_to_one_file_by_the_provenance_its_records_carry(tmp_path):
+    # 14 records: every third one synthetic (i = 0, 3, 6, 9, 12 → 5 synthetic, 9 human)
+    path = write_pairs(tmp_path / "mixed.jsonl", 14, "q", provenance=lambda i: "synthetic" if i % 3 == 0 else "human")
+    settings = DataSettings(train_file=path, human_ratio=0.75, validation_file=None, validation_split=0, max_length=64)
+    data = prepare_examples(settings, load_test_tokenizer(), seed=0, paired=True)
+    # at most floor(9 · 0.25 / 0.75) = 3 synthetic pairs: 12 kept, in file order
+    assert [g.kept for g in data.mix.groups] == [9, 3]
+    assert [g.subsampled_for_ratio for g in data.mix.groups] == [0, 2]
+    lines = [int(example.origin.rsplit(":", 1)[1]) for example in data.train]
+    assert len(lines) == 12 and lines == sorted(lines)
+    assert sum(example.provenance == "synthetic" for example in data.train) == 3
+    assert not data.warnings
+
+
+def test_human_ratio_without_provenance_is_a_recorded_no_op(tmp_path):
+    path = write_pairs(tmp_path / "plain.jsonl", 10, "q")
+    settings = DataSettings(train_file=path, human_ratio=0.3, validation_file=None, validation_split=2, max_length=64)
+    data = prepare_examples(settings, load_test_tokenizer(), seed=0, paired=True)
+    assert data.mix is None and len(data.train) == 8
+    (warning,) = data.warnings
+    assert warning.startswith("data.human_ratio 0.3 NOT applied: 10 of the 10 records of")
+    assert "data.sources" in warning
+    assert f"data warning: {warning}" in data.summary()
+    # the same file with no mixing setting: nothing to say
+    plain = prepare_examples(settings.model_copy(update={"human_ratio": None}), load_test_tokenizer(), seed=0, paired=True)
+    assert plain.mix is None and not plain.warnings

@@ -6,7 +6,9 @@ import yaml
 
 from preftune.cli import main
 from preftune.config import load_config
-from preftune.data.records import TokenizedPair
+from preftune.cli import AUDITED_FORMATS
+from preftune.data.formats import FORMAT_KINDS, PAIRED, UNPAIRED
+from preftune.data.records import TokenizedExample
 from preftune.errors import ConfigError
 from preftune.eval.recommend import (
     DataTraits,
@@ -119,8 +121,19 @@ def test_recommended_configs_load_as_run_configs(tmp_path, traits):
 def test_untrainable_recommendations_write_no_config(tmp_path):
     with pytest.raises(ConfigError, match="not trainable"):
         write_recommended_config(decide(DataTraits("reward", 3)), tmp_path / "x.yaml", data_file="r.jsonl")
-    with pytest.raises(ConfigError, match="synthetic files"):
-        write_recommended_config(decide(paired(0.8, synthetic_share=0.9)), tmp_path / "x.yaml", data_file="d.jsonl")
+
+
+def test_a_filter_recommendation_on_one_file_filters_by_the_records_own_provenance(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    records = [{"prompt": f"q{i}?", "chosen": " yes", "rejected": " nah", "provenance": "synthetic" if i % 4 else "human"} for i in range(8)]
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    traits = measure_traits([str(path)]).traits
+    assert traits.synthetic_share == 0.75  # 6 of the 8 records say synthetic
+    assert measure_traits([str(path)], synthetic_files=[str(path)]).traits.synthetic_share == 0.5  # the files say it
+    rec = decide(traits)
+    assert (rec.branch, rec.settings["data"]) == ("cpo_synthetic_filter", {"filter_synthetic_outliers": True})
+    written = write_recommended_config(rec, tmp_path / "x.yaml", data_file=str(path))
+    assert (written.data.train_file, written.data.filter_synthetic_outliers, written.data.sources) == (str(path), True, None)
 
 
 def test_data_kinds_from_the_first_record(tmp_path):
@@ -143,7 +156,7 @@ def tiny(tmp_path_factory):
 def test_reference_accuracy_matches_the_plain_computation(tiny):
     _, model, tokenizer = tiny
     pairs = tokenized_hh_pairs(tokenizer, read=12)
-    tie = TokenizedPair(pairs[0].prompt_ids, pairs[0].chosen_ids, list(pairs[0].chosen_ids), "tie")
+    tie = TokenizedExample(pairs[0].prompt_ids, (pairs[0].chosen_ids, list(pairs[0].chosen_ids)), origin="tie")
     for length_normalize in (True, False):
         measured = measure_reference_accuracy(model, [*pairs, tie], pad_id=tokenizer.pad_token_id, batch_size=5, length_normalize=length_normalize)
         with torch.no_grad():
@@ -170,6 +183,10 @@ def test_recommend_command_measures_and_writes_a_config(tiny, tmp_path, capsys):
     raw = yaml.safe_load(output.read_text())
     assert raw["model"]["name_or_path"] == str(folder)
     assert load_config(output).data.train_file == "hh-rlhf-harmless:train"
+
+
+def test_audit_and_recommend_read_every_paired_and_unpaired_format():
+    assert set(AUDITED_FORMATS) == {name for name, kind in FORMAT_KINDS.items() if kind in (PAIRED, UNPAIRED)}
 
 
 def test_audit_command_prints_and_writes_json(tmp_path, capsys):

@@ -59,9 +59,9 @@ def test_changed_tokens_miss(tmp_path, pairs, tokenizer):
     model = tiny_llama(len(tokenizer))
     cache = ReferenceLogpsCache(tmp_path, "k")
     cache.logps(collate_pairs(pairs[:3], pad_id=tokenizer.pad_token_id), _reference(model))
-    edited = dataclasses.replace(pairs[0], rejected_ids=pairs[0].rejected_ids[:-1])
+    edited = dataclasses.replace(pairs[0], answer_ids=(pairs[0].chosen_ids, pairs[0].rejected_ids[:-1]))
     cut_prompt = dataclasses.replace(pairs[1], prompt_ids=pairs[1].prompt_ids[1:])
-    swapped = dataclasses.replace(pairs[2], chosen_ids=pairs[2].rejected_ids, rejected_ids=pairs[2].chosen_ids)
+    swapped = dataclasses.replace(pairs[2], answer_ids=(pairs[2].rejected_ids, pairs[2].chosen_ids))
     for changed in (edited, cut_prompt, swapped):
         before = cache.misses
         cache.logps(collate_pairs([changed], pad_id=tokenizer.pad_token_id), _reference(model))
@@ -86,7 +86,7 @@ def test_entries_persist_across_instances_in_atomic_shards(tmp_path, pairs, toke
 
     # A second writer adds its own shard; a reader sees both.
     third = ReferenceLogpsCache(tmp_path, "k")
-    third.logps(collate_pairs([dataclasses.replace(pairs[0], chosen_ids=pairs[0].chosen_ids[:-1])], pad_id=0), _reference(model))
+    third.logps(collate_pairs([dataclasses.replace(pairs[0], answer_ids=(pairs[0].chosen_ids[:-1], pairs[0].rejected_ids))], pad_id=0), _reference(model))
     third.flush()
     assert len(ReferenceLogpsCache(tmp_path, "k")) == len(pairs) + 1
 

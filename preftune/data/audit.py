@@ -1,7 +1,7 @@
 """Data audits: what a preference file teaches before a model ever sees it, and length balancing.
 
-`audit_pairs` (paired records: anything with `.prompt/.chosen/.rejected/.source`) and
-`audit_unpaired` (KTO records: `.prompt/.completion/.label/.source`) return a `DataAudit`:
+`audit_pairs` (pairs: `Example`s with two answers, `.chosen/.rejected`) and `audit_unpaired` (KTO
+examples: one labelled answer, `.completion/.label`) return a `DataAudit`; `audit_records` picks one:
 
 - counts; **exact duplicates** (records repeating an earlier record's texts exactly) and **near
   duplicates** (repeating it after normalisation: Unicode NFKC, case folded, every punctuation
@@ -15,7 +15,8 @@
   transcripts, plain text) and a script heuristic: each record's letters are counted by the first
   word of their Unicode name (LATIN, CYRILLIC, CJK, ...) and the record goes to its majority
   script; also the share of records that are pure ASCII. Heuristics, not language identification.
-- **length bias** (the verbosity trap), see `LengthBias`.
+- **length bias** (the verbosity trap), see `LengthBias`;
+- provenance: how many records say they are human, synthetic, or do not say (`Example.provenance`).
 
 `length_balance` subsamples pairs so that a chosen answer is longer exactly as often as it is
 shorter, and says which pairs it removed.
@@ -33,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from preftune.data.records import Example
 from preftune.errors import DataError
 
 # A length bias is reported when the chosen answer is longer in more than this share of the pairs
@@ -149,7 +151,8 @@ class DataAudit:
     identical_after_normalization: int = 0  # paired: equal once normalised (includes the exact ones)
     labels: dict[str, int] = field(default_factory=dict)  # unpaired: "desirable"/"undesirable" -> count
     conflicting_labels: int = 0  # unpaired: prompt + completion seen with both labels
-    duplicate_examples: list[str] = field(default_factory=list)  # up to 3 "source repeats source"
+    duplicate_examples: list[str] = field(default_factory=list)  # up to 3 "origin repeats origin"
+    provenance: dict[str, int] = field(default_factory=dict)  # "human" | "synthetic" | "unknown" -> records
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -190,6 +193,8 @@ class DataAudit:
                 f"max {stats.max:g}, mean {stats.mean:.1f}"
             )
         lines.append("format (heuristic): " + _shares(self.formats, self.count))
+        if self.provenance:
+            lines.append("provenance: " + _shares(self.provenance, self.count))
         lines.append(
             f"script (heuristic, majority of letters): {_shares(self.scripts, self.count)}; "
             f"pure ASCII {self.ascii_only} ({_percent(self.ascii_only, self.count)})"
@@ -212,8 +217,8 @@ class DataAudit:
         return "\n".join(lines)
 
 
-def audit_pairs(pairs: Sequence, tokenizer=None) -> DataAudit:
-    """Audit paired records (`.prompt/.chosen/.rejected/.source`); see the module docstring."""
+def audit_pairs(pairs: Sequence[Example], tokenizer=None) -> DataAudit:
+    """Audit pairs (two answers: chosen, rejected); see the module docstring."""
     length_fn, unit = length_function(tokenizer)
     exact, near, prompts, examples = _duplicates(pairs, lambda p: (p.prompt, p.chosen, p.rejected))
     prompt_lengths = [length_fn(p.prompt) for p in pairs]
@@ -243,13 +248,14 @@ def audit_pairs(pairs: Sequence, tokenizer=None) -> DataAudit:
         identical_pairs=sum(p.chosen == p.rejected for p in pairs),
         identical_after_normalization=sum(normalize_text(p.chosen) == normalize_text(p.rejected) for p in pairs),
         duplicate_examples=examples,
+        provenance=_provenance_counts(pairs),
     )
     audit.warnings = _warnings(audit)
     return audit
 
 
-def audit_unpaired(examples: Sequence, tokenizer=None, *, seed: int = 0) -> DataAudit:
-    """Audit unpaired (KTO) records (`.prompt/.completion/.label/.source`); `seed` drives the bootstrap."""
+def audit_unpaired(examples: Sequence[Example], tokenizer=None, *, seed: int = 0) -> DataAudit:
+    """Audit unpaired (KTO) examples (one answer with a label); `seed` drives the bootstrap."""
     length_fn, unit = length_function(tokenizer)
     exact, near, prompts, duplicate_examples = _duplicates(examples, lambda e: (e.prompt, e.completion, str(e.label)))
     labels_seen: dict[tuple[str, str], set[bool]] = {}
@@ -274,16 +280,25 @@ def audit_unpaired(examples: Sequence, tokenizer=None, *, seed: int = 0) -> Data
         labels={"desirable": int(desirable.size), "undesirable": int(undesirable.size)},
         conflicting_labels=sum(len(labels) == 2 for labels in labels_seen.values()),
         duplicate_examples=duplicate_examples,
+        provenance=_provenance_counts(examples),
     )
     audit.warnings = _warnings(audit)
     return audit
 
 
-def audit_records(records: Sequence, tokenizer=None) -> DataAudit:
-    """`audit_pairs` or `audit_unpaired`, judged from the first record (an empty list audits as paired)."""
-    if records and hasattr(records[0], "completion"):
+def audit_records(records: Sequence[Example], tokenizer=None) -> DataAudit:
+    """`audit_unpaired` for labelled one-answer examples, `audit_pairs` for pairs (an empty list audits as pairs).
+
+    Judged from the first record; other shapes (groups of K > 2 answers, prompts alone) are a `DataError`.
+    """
+    if not records or len(records[0].answers) == 2:
+        return audit_pairs(records, tokenizer)
+    if len(records[0].answers) == 1 and records[0].labels is not None:
         return audit_unpaired(records, tokenizer)
-    return audit_pairs(records, tokenizer)
+    raise DataError(
+        f"the audit reads pairs or labelled examples; {records[0].origin or 'the first record'} has "
+        f"{len(records[0].answers)} answer(s){'' if records[0].labels is not None else ' and no label'}"
+    )
 
 
 def paired_length_bias(differences: np.ndarray) -> LengthBias:
@@ -360,7 +375,7 @@ class BalanceReport:
     after: dict[str, int]
     removed_chosen_longer: int
     removed_chosen_shorter: int
-    removed_examples: list[str] = field(default_factory=list)  # up to 3 sources
+    removed_examples: list[str] = field(default_factory=list)  # up to 3 origins
 
     @property
     def removed(self) -> int:
@@ -413,7 +428,7 @@ def length_balance(pairs: Sequence, tokenizer=None, *, seed: int = 0) -> tuple[l
         },
         removed_chosen_longer=removed_longer,
         removed_chosen_shorter=len(removed) - removed_longer,
-        removed_examples=[pairs[i].source for i in sorted(removed)[:MAX_EXAMPLES]],
+        removed_examples=[pairs[i].origin for i in sorted(removed)[:MAX_EXAMPLES]],
     )
     return kept, report
 
@@ -431,14 +446,19 @@ def _duplicates(records: Sequence, texts: Callable) -> tuple[int, int, int, list
         if key in first_exact:
             exact += 1
             if len(examples) < MAX_EXAMPLES:
-                examples.append(f"{record.source} repeats {first_exact[key]}")
+                examples.append(f"{record.origin} repeats {first_exact[key]}")
         else:
-            first_exact[key] = record.source
+            first_exact[key] = record.origin
         near += near_key in near_seen
         near_seen.add(near_key)
         prompts += record.prompt in prompts_seen
         prompts_seen.add(record.prompt)
     return exact, near, prompts, examples
+
+
+def _provenance_counts(records: Sequence[Example]) -> dict[str, int]:
+    counts = Counter(record.provenance or "unknown" for record in records)
+    return dict(counts.most_common())
 
 
 def _format_counts(texts) -> dict[str, int]:

@@ -142,7 +142,7 @@ def _block_mask(example_of: torch.Tensor, branch_of: torch.Tensor) -> torch.Tens
 
 
 def collate_pairs(pairs: Sequence, *, pad_id: int) -> PackedBatch:
-    """Pack `TokenizedPair`-like objects (prompt_ids, chosen_ids, rejected_ids): sequences [0,E) chosen, [E,2E) rejected."""
+    """Pack paired `TokenizedExample`s (prompt, chosen, rejected): sequences [0,E) chosen, [E,2E) rejected."""
     return pack_examples(
         [pair.prompt_ids for pair in pairs],
         [(pair.chosen_ids, pair.rejected_ids) for pair in pairs],

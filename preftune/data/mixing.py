@@ -1,8 +1,11 @@
 """Mixing human and synthetic preference data: a human-share floor, a KL check, optional outlier filtering.
 
-Each `SourceGroup` is a list of pairs (anything with `.prompt/.chosen/.rejected/.source`), its
+Each `SourceGroup` is a list of pairs (`Example`s with two answers: chosen, rejected), its
 provenance ("human" or "synthetic") and a weight in (0, 1]: the fraction of the group to use.
-`mix_sources` never invents or repeats data; in order it
+The group's provenance is the provenance of its pairs: `mix_sources` returns every kept pair with
+`Example.provenance` set to it (a pair that already says so is returned as it is; one that said
+the other provenance is counted as `relabelled`). `groups_by_provenance` builds the groups from
+the provenance the records themselves carry. `mix_sources` never invents or repeats data; in order it
 
 1. keeps `round(weight · n)` pairs of each group (seeded sample, file order kept);
 2. when `filter_outliers`, drops synthetic pairs whose statistic lies outside the human
@@ -20,6 +23,7 @@ reference model's margin, computed by a higher layer).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Mapping, Sequence
@@ -28,9 +32,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from preftune.data.audit import length_function
+from preftune.data.records import PROVENANCES, Example
 from preftune.errors import ConfigError, DataError
 
-PROVENANCES = ("human", "synthetic")
 DEFAULT_KL_THRESHOLD = 0.15
 DEFAULT_BINS = 20
 DEFAULT_SMOOTHING = 0.5
@@ -56,10 +60,22 @@ class SourceGroup:
             raise ConfigError(f"source {self.name!r}: {len(self.statistic)} statistic values for {len(self.pairs)} pairs")
 
 
-def groups_by_provenance(pairs: Sequence, provenance: Sequence[str] | Mapping[str, str]) -> list[SourceGroup]:
-    """One group per provenance, from a parallel list of provenances or a mapping `pair.source → provenance`."""
-    if isinstance(provenance, Mapping):
-        labels = [provenance[pair.source] for pair in pairs]
+def groups_by_provenance(pairs: Sequence[Example], provenance: Sequence[str] | Mapping[str, str] | None = None) -> list[SourceGroup]:
+    """One group per provenance, in the order human, synthetic; each group keeps the pairs' order.
+
+    The provenance of a pair is its own `Example.provenance` (None: every pair must carry one), or
+    comes from a parallel list of provenances, or from a mapping `pair.origin → provenance`.
+    """
+    if provenance is None:
+        unknown = [pair.origin for pair in pairs if pair.provenance is None]
+        if unknown:
+            raise DataError(
+                f"{len(unknown)} of {len(pairs)} pairs carry no provenance (e.g. {unknown[0]}): give each record "
+                "provenance: human|synthetic, or list the files under data.sources"
+            )
+        labels = [pair.provenance for pair in pairs]
+    elif isinstance(provenance, Mapping):
+        labels = [provenance[pair.origin] for pair in pairs]
     else:
         if len(provenance) != len(pairs):
             raise ConfigError(f"{len(provenance)} provenance labels for {len(pairs)} pairs")
@@ -113,6 +129,7 @@ class GroupReport:
     filtered_outliers: int
     subsampled_for_ratio: int
     kept: int
+    relabelled: int = 0  # kept pairs whose own provenance was the other one: the group's provenance wins
 
 
 @dataclass
@@ -143,6 +160,7 @@ class MixReport:
                 f"source {g.name or '<unnamed>'} ({g.provenance}, weight {g.weight:g}): {g.available} pairs, "
                 f"{g.after_weight} after weight, {g.filtered_outliers} filtered as outliers, "
                 f"{g.subsampled_for_ratio} subsampled for the human-ratio floor → {g.kept} kept"
+                + (f" ({g.relabelled} of them said they were {_other(g.provenance)}: relabelled {g.provenance})" if g.relabelled else "")
             )
         floor = "none" if self.human_ratio_floor is None else f"{self.human_ratio_floor:g}"
         line = f"mix: {self.kept} pairs, human share {self.achieved_human_ratio:.3f} (floor {floor})"
@@ -216,7 +234,7 @@ def mix_sources(
     synthetic_count = sum(len(kept[i]) for i in synthetic)
     if human_ratio is not None and human_ratio > 0 and synthetic_count:
         if human_count == 0:
-            raise DataError(f"human_ratio {human_ratio:g} is a floor on human data, but the sources hold no human pairs")
+            raise DataError(f"human_ratio {human_ratio:g} is a floor on human data, but the data holds no human pairs")
         # The epsilon keeps an exact quotient (70 human at r = 0.7 → 30) from flooring to one less.
         allowed = math.floor(human_count * (1 - human_ratio) / human_ratio + 1e-9)
         if allowed < synthetic_count:
@@ -238,9 +256,26 @@ def mix_sources(
             "the synthetic pairs teach a different preference than the human ones"
             + ("" if filter_outliers else "; consider data.filter_synthetic_outliers: true")
         )
-    mixed = [groups[i].pairs[j] for i in range(len(groups)) for j in kept[i]]
+    mixed = []
+    for i, group in enumerate(groups):
+        for j in kept[i]:
+            pair = group.pairs[j]
+            if pair.provenance != group.provenance:
+                reports[i].relabelled += pair.provenance is not None
+                pair = dataclasses.replace(pair, provenance=group.provenance)
+            mixed.append(pair)
+    relabelled = sum(report.relabelled for report in reports)
+    if relabelled:
+        warnings.append(
+            f"{relabelled} kept pairs said the other provenance than their source: data.sources[].source sets the "
+            "provenance of the whole file"
+        )
     report = MixReport(reports, human_ratio, achieved, statistic_name, kl_before, kl_after, kl_threshold, outlier_range, warnings)
     return mixed, report
+
+
+def _other(provenance: str) -> str:
+    return next(kind for kind in PROVENANCES if kind != provenance)
 
 
 def _proportional(sizes: list[int], total: int) -> list[int]:

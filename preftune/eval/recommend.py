@@ -42,14 +42,13 @@ from preftune.atomic import atomic_write_text
 from preftune.config import RunConfig, validate_config
 from preftune.data.audit import DataAudit, audit_pairs, audit_unpaired
 from preftune.data.collate import collate_pairs
-from preftune.data.formats import load_pairs
-from preftune.data.kto import file_is_unpaired, load_unpaired_records
+from preftune.data.formats import FORMAT_KINDS, PAIRED, UNPAIRED, detect_format, load_examples
 from preftune.data.pipeline import resolve_data_path
 from preftune.data.readers import read_records
-from preftune.data.tokenize import tokenize_pairs
+from preftune.data.tokenize import tokenize_examples
 from preftune.errors import ConfigError, DataError
-from preftune.eval.evaluate import TIE_TOLERANCE
 from preftune.logprobs import sequence_logps
+from preftune.methods.evaluation import TIE_TOLERANCE
 
 DPO_ACCURACY = 0.70  # above: the reference already ranks most pairs right, plain DPO suffices
 SOFT_ACCURACY = 0.50  # at or above (up to DPO_ACCURACY): CPO with the soft constraint; below: hard + rebalance
@@ -111,7 +110,7 @@ def measure_reference_accuracy(
     length_normalize: bool = True,
     chunk_size: int = 512,
 ) -> ReferenceAccuracy:
-    """The reference's preference accuracy on tokenised pairs (`TokenizedPair`s), through the log-prob engine."""
+    """The reference's preference accuracy on tokenised pairs (`TokenizedExample`s with 2 answers), through the log-prob engine."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -139,7 +138,7 @@ class DataTraits:
 
     kind: str
     size: int
-    synthetic_share: float | None = None  # synthetic records / all records; None = unknown (no provenance given)
+    synthetic_share: float | None = None  # synthetic records / all records; None = unknown (no provenance known)
     length_bias: str | None = None  # the audit's direction: "longer", "shorter" or None
     share_chosen_longer: float | None = None
     duplicate_rate: float = 0.0
@@ -178,7 +177,8 @@ def decide(traits: DataTraits) -> Recommendation:
     if traits.kind == "principles":
         return Recommendation(
             "constitutional_ai", {}, "only principles are given, no preference data: generate and revise answers against "
-            "them (Constitutional AI) to create the preferences", OVERHEAD["constitutional_ai"], "constitutional_ai", traits,
+            "them (Constitutional AI) to create the preferences; `preftune constitute --prompts P --model M --output pairs.jsonl` "
+            "writes them, then recommend again on pairs.jsonl", OVERHEAD["constitutional_ai"], "constitutional_ai", traits,
             trainable=False,
         )
     if traits.kind == "reward":
@@ -260,15 +260,17 @@ def _notes(traits: DataTraits) -> list[str]:
     return notes
 
 
-def data_kind(path: str | Path) -> str:
-    """"unpaired" (prompt/completion/label), "reward" (a prompt with a reward/score and no chosen/completion) or "paired"."""
-    if file_is_unpaired(path):
-        return "unpaired"
+def data_kind(path: str | Path, format: str = "auto") -> str:
+    """"reward" (a prompt with a reward/score and no chosen/completion), "unpaired" (a format of labelled
+    completions: kto, sharegpt_kto) or "paired", judged from the first record unless `format` is forced."""
+    if format != "auto":
+        return "unpaired" if FORMAT_KINDS[format] == UNPAIRED else "paired"
     first = next(iter(read_records(path)), None)
     value = first.value if first is not None else None
     if isinstance(value, dict) and any(key in value for key in REWARD_FIELDS) and not {"chosen", "completion"} & value.keys():
         return "reward"
-    return "paired"
+    detected = detect_format(value)
+    return "unpaired" if detected is not None and FORMAT_KINDS[detected] == UNPAIRED else "paired"
 
 
 @dataclass
@@ -296,6 +298,9 @@ def measure_traits(
 ) -> Measurement:
     """Load the files (human or unlabelled `data_files`, `synthetic_files`), audit them, and measure the reference.
 
+    The synthetic share: with `synthetic_files`, the files say it (the data files are human, as
+    `data.sources` would have them); without, the records' own provenance when every record
+    carries one; else unknown (None).
     The reference accuracy is measured when the data is paired and a `model` (with its
     `tokenizer`) is given: on `sample` pairs drawn with `random.Random(seed)` from all files,
     tokenised to `max_length` (pairs the tokeniser drops are left out).
@@ -304,20 +309,22 @@ def measure_traits(
     if not files:
         raise ConfigError("recommend needs at least one data file")
     paths = [resolve_data_path(spec) for spec in files]
-    kinds = {data_kind(path) for path in paths}
+    kinds = {data_kind(path, format) for path in paths}
     if len(kinds) > 1:
         raise DataError(f"the files mix data kinds {sorted(kinds)}: recommend one kind at a time")
     (kind,) = kinds
     if kind == "reward":
         size = sum(1 for path in paths for _ in read_records(path))
         return Measurement(DataTraits("reward", size), None, None)
-    loaded = [
-        (load_unpaired_records(path, tokenizer=tokenizer)[0] if kind == "unpaired" else load_pairs(path, format=format, tokenizer=tokenizer)[0])
-        for path in paths
-    ]
+    accept = (UNPAIRED,) if kind == "unpaired" else (PAIRED,)
+    loaded = [load_examples(path, format=format, tokenizer=tokenizer, accept=accept)[0] for path in paths]
     records = [record for items in loaded for record in items]
-    synthetic_count = sum(len(items) for items in loaded[len(data_files) :])
-    synthetic_share = synthetic_count / len(records) if synthetic_files else None
+    if synthetic_files:
+        synthetic_share = sum(len(items) for items in loaded[len(data_files) :]) / len(records)
+    elif all(record.provenance is not None for record in records):
+        synthetic_share = sum(record.provenance == "synthetic" for record in records) / len(records)
+    else:
+        synthetic_share = None
     audit = audit_unpaired(records, tokenizer, seed=seed) if kind == "unpaired" else audit_pairs(records, tokenizer)
     traits = DataTraits(
         kind=kind,
@@ -332,7 +339,7 @@ def measure_traits(
         if tokenizer is None:
             raise ConfigError("measuring the reference accuracy needs the model's tokenizer")
         chosen = random.Random(seed).sample(records, min(sample, len(records)))
-        tokenized, _ = tokenize_pairs(chosen, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
+        tokenized, _ = tokenize_examples(chosen, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
         reference = measure_reference_accuracy(
             model, tokenized, pad_id=tokenizer.pad_token_id, batch_size=batch_size, length_normalize=length_normalize
         )
@@ -359,7 +366,8 @@ def write_recommended_config(
     """Write a ready-to-run YAML config (current keys) selecting the recommended method; returns it validated.
 
     With `synthetic_files`, the data goes into `data.sources` (`data_file` as human, the rest
-    synthetic); else into `data.train_file`. 10% of the training data is held out for validation.
+    synthetic); else into `data.train_file` (whose records' own provenance then drives
+    `filter_synthetic_outliers`). 10% of the training data is held out for validation.
     """
     if not recommendation.trainable:
         raise ConfigError(
@@ -372,8 +380,6 @@ def write_recommended_config(
         data["sources"] = [{"path": data_file, "source": "human"}] + [
             {"path": spec, "source": "synthetic"} for spec in synthetic_files
         ]
-    elif recommendation.settings.get("data", {}).get("filter_synthetic_outliers"):
-        raise ConfigError("this recommendation filters synthetic pairs: name the synthetic files (--synthetic) so they become data.sources")
     else:
         data["train_file"] = data_file
     data.update(recommendation.settings.get("data", {}))

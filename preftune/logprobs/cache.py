@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -31,10 +29,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from preftune.atomic import atomic_write_text
+from preftune.atomic import atomic_file, atomic_write_text
 from preftune.data.collate import PackedBatch
 from preftune.errors import PreftuneError
 from preftune.logprobs.engine import SequenceLogps
+from preftune.settings import cache_root
 
 # Bump when the engine's definition of an answer log-prob changes: older entries then miss.
 CACHE_FORMAT = "preftune-reference-logps-1"
@@ -187,22 +186,14 @@ class ReferenceLogpsCache:
 
 
 def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    descriptor, staging = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(descriptor)
-    try:
+    with atomic_file(path) as staging:
         save_file(tensors, staging, metadata=metadata)
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
-
 
 
 def open_reference_cache(
     model: torch.nn.Module, *, root: str | Path | None = None, mixed_precision: str = "no"
 ) -> ReferenceLogpsCache:
     """The cache for the reference `model` computes under `mixed_precision`; `root` default: $PREFTUNE_CACHE/reference-logps."""
-    from preftune.model.loading import cache_root  # model/ imports logprobs/: import at call time
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     settings = {

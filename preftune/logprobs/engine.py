@@ -18,15 +18,23 @@ from preftune.data.collate import PackedBatch
 
 # Config attributes of architectures whose logits are not simply `lm_head(final hidden state)`.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
-DEFAULT_CHUNK_SIZE = 1024
+DEFAULT_CHUNK_SIZE = 512
 
 
 @dataclass
 class SequenceLogps:
-    """Answer log-probs per sequence (`sum`, `count`: [sequences]); see PackedBatch for the order."""
+    """Answer log-probs per sequence (`sum`, `count`: [sequences]); see PackedBatch for the order.
+
+    With `per_token=True` the engine also returns `token_logps` ([targets]: log p of every answer
+    token, in `batch.target_sequence` order) and with `hidden_states=True` the final hidden state
+    at each predicting position (`hidden`: [targets, hidden size]): what token-level KL, PPO
+    values and reward heads need.
+    """
 
     sum: torch.Tensor
     count: torch.Tensor
+    token_logps: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
 
     @property
     def mean(self) -> torch.Tensor:
@@ -38,11 +46,15 @@ class SequenceLogps:
         counts = self.count.chunk(answers_per_example)
         return [SequenceLogps(s, c) for s, c in zip(sums, counts)]
 
-    def detach(self) -> SequenceLogps:
-        return SequenceLogps(self.sum.detach(), self.count.detach())
 
-
-def sequence_logps(model: torch.nn.Module, batch: PackedBatch, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> SequenceLogps:
+def sequence_logps(
+    model: torch.nn.Module,
+    batch: PackedBatch,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    per_token: bool = False,
+    hidden_states: bool = False,
+) -> SequenceLogps:
     """Sum of log p(answer token | context) per sequence, computing logits only at answer positions.
 
     The vocabulary projection runs over `chunk_size` answer positions at a time and, under
@@ -51,15 +63,27 @@ def sequence_logps(model: torch.nn.Module, batch: PackedBatch, *, chunk_size: in
     """
     decoder, head = _decoder_and_head(model)
     mask = _attention_mask_for(model, batch.attention_mask)
+    answer_hidden = None
     if decoder is not None:
         hidden = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask).last_hidden_state
         answer_hidden = hidden.reshape(-1, hidden.shape[-1])[batch.target_index]  # [targets, hidden]
         token_logps = _chunked_token_logps(head, answer_hidden, batch.target_ids, chunk_size)
     else:
-        logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask).logits
-        answer_logits = logits.reshape(-1, logits.shape[-1])[batch.target_index].float()
+        outputs = model(
+            input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask,
+            output_hidden_states=hidden_states,
+        )
+        answer_logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])[batch.target_index].float()
         token_logps = answer_logits.gather(-1, batch.target_ids[:, None]).squeeze(-1) - answer_logits.logsumexp(-1)
-    return _per_sequence(token_logps, batch.target_sequence, batch.num_sequences)
+        if hidden_states:
+            last = outputs.hidden_states[-1]
+            answer_hidden = last.reshape(-1, last.shape[-1])[batch.target_index]
+    logps = _per_sequence(token_logps, batch.target_sequence, batch.num_sequences)
+    if per_token:
+        logps.token_logps = token_logps
+    if hidden_states:
+        logps.hidden = answer_hidden
+    return logps
 
 
 def _per_sequence(token_logps: torch.Tensor, sequence: torch.Tensor, num_sequences: int) -> SequenceLogps:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from preftune.losses.base import LossOutput, LossSpec, ReferenceRatioLoss, implicit_reward_metrics
+from preftune.losses.base import LossOutput, implicit_reward_metrics
 
 
 def dpo_loss(
@@ -33,13 +33,3 @@ def dpo_loss(
         losses,
         implicit_reward_metrics(beta, policy_chosen, policy_rejected, reference_chosen, reference_rejected),
     )
-
-
-SPEC = LossSpec(
-    name="sigmoid",
-    build=lambda method: ReferenceRatioLoss(
-        dpo_loss, "sum", {"beta": method.beta, "label_smoothing": method.label_smoothing}
-    ),
-    needs_reference=True,
-    summary="DPO: -log σ(β · policy/reference log-ratio margin); label_smoothing for noisy labels",
-)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from preftune.losses.base import LossOutput, LossSpec, ReferenceRatioLoss, implicit_reward_metrics
+from preftune.losses.base import LossOutput, implicit_reward_metrics
 
 
 def hinge_loss(
@@ -28,11 +28,3 @@ def hinge_loss(
         torch.relu(1.0 - logits),
         implicit_reward_metrics(beta, policy_chosen, policy_rejected, reference_chosen, reference_rejected),
     )
-
-
-SPEC = LossSpec(
-    name="hinge",
-    build=lambda method: ReferenceRatioLoss(hinge_loss, "sum", {"beta": method.beta}),
-    needs_reference=True,
-    summary="SLiC hinge: max(0, 1 − β · policy/reference log-ratio margin)",
-)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from preftune.losses.base import LossOutput, LossSpec, ReferenceRatioLoss, implicit_reward_metrics
+from preftune.losses.base import LossOutput, implicit_reward_metrics
 
 
 def ipo_loss(
@@ -30,11 +30,3 @@ def ipo_loss(
         losses,
         implicit_reward_metrics(beta, policy_chosen, policy_rejected, reference_chosen, reference_rejected),
     )
-
-
-SPEC = LossSpec(
-    name="ipo",
-    build=lambda method: ReferenceRatioLoss(ipo_loss, "mean", {"beta": method.beta}),
-    needs_reference=True,
-    summary="IPO: (per-token log-ratio margin − 1/(2β))²; bounded, for near-deterministic preferences",
-)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from preftune.losses.base import LossOutput, LossSpec, UnpairedLogps
+from preftune.losses.base import LossOutput
 
 
 def kto_loss(
@@ -50,36 +50,3 @@ def kto_loss(
             "rewards/accuracies": (signed > 0).float(),
         },
     )
-
-
-class KTOLoss:
-    def __init__(self, method):
-        self.beta = method.beta
-        self.desirable_weight = method.desirable_weight
-        self.undesirable_weight = method.undesirable_weight
-
-    def __call__(self, policy: UnpairedLogps, reference: UnpairedLogps | None) -> LossOutput:
-        assert reference is not None, "KTO needs reference log-probs"
-        return kto_loss(
-            policy.completion.sum,
-            policy.mismatched.sum,
-            reference.completion.sum,
-            reference.mismatched.sum,
-            policy.desirable,
-            beta=self.beta,
-            desirable_weight=self.desirable_weight,
-            undesirable_weight=self.undesirable_weight,
-        )
-
-
-SPEC = LossSpec(
-    name="kto",
-    build=KTOLoss,
-    needs_reference=True,
-    paired=False,
-    min_batch_size=2,
-    summary=(
-        "KTO: unpaired {prompt, completion, label} data (paired files are split into chosen=true / rejected=false); "
-        "λ · (1 − σ(±β(log-ratio − z_ref))), z_ref from mismatched completions"
-    ),
-)

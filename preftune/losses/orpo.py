@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from preftune.losses.base import LossOutput, LossSpec, PairLogps, reward_metrics
+from preftune.losses.base import LossOutput, reward_metrics
 
 LOG_HALF = -0.6931471805599453  # log(1/2), where log1mexp switches formula
 
@@ -37,19 +37,3 @@ def orpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, *, bet
     metrics = reward_metrics(beta * policy_chosen, beta * policy_rejected)
     metrics.update({"orpo/log_odds_ratio": ratio.detach(), "orpo/log_odds": log_odds.detach(), "nll/chosen": nll.detach()})
     return LossOutput(nll - beta * ratio, metrics)
-
-
-class ORPOLoss:
-    def __init__(self, method):
-        self.beta = method.beta
-
-    def __call__(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
-        return orpo_loss(policy.chosen.mean, policy.rejected.mean, beta=self.beta)
-
-
-SPEC = LossSpec(
-    name="orpo",
-    build=ORPOLoss,
-    needs_reference=False,
-    summary="ORPO: reference-free NLL(chosen) − β · log σ(log odds ratio of chosen over rejected)",
-)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from preftune.losses.base import LossOutput, LossSpec, ReferenceRatioLoss, implicit_reward_metrics
+from preftune.losses.base import LossOutput, implicit_reward_metrics
 
 
 def robust_dpo_loss(
@@ -37,13 +37,3 @@ def robust_dpo_loss(
         losses,
         implicit_reward_metrics(beta, policy_chosen, policy_rejected, reference_chosen, reference_rejected),
     )
-
-
-SPEC = LossSpec(
-    name="robust",
-    build=lambda method: ReferenceRatioLoss(
-        robust_dpo_loss, "sum", {"beta": method.beta, "label_smoothing": method.label_smoothing}
-    ),
-    needs_reference=True,
-    summary="robust DPO for noisy labels: unbiased under a label flip rate ε = label_smoothing",
-)

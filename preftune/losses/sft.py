@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from preftune.losses.base import LossOutput, LossSpec, PairLogps, reward_metrics
+from preftune.losses.base import LossOutput, reward_metrics
 
 
 def sft_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor) -> LossOutput:
@@ -17,16 +17,3 @@ def sft_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor) -> Loss
     r(c) = avg log πθ(c), r(r) = avg log πθ(r). No reference model.
     """
     return LossOutput(-policy_chosen, reward_metrics(policy_chosen, policy_rejected))
-
-
-class SFTLoss:
-    def __call__(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
-        return sft_loss(policy.chosen.mean, policy.rejected.mean)
-
-
-SPEC = LossSpec(
-    name="sft",
-    build=lambda method: SFTLoss(),
-    needs_reference=False,
-    summary="SFT baseline: −per-token log-prob of the chosen answer; rejected answers only scored",
-)

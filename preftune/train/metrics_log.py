@@ -12,7 +12,9 @@ from typing import Any
 class MetricsLog:
     """Append-only JSONL (flushed per line, so a crash loses at most the line being written) + TensorBoard."""
 
-    def __init__(self, run_dir: Path, *, tensorboard: bool, jsonl: bool = True):
+    def __init__(self, run_dir: Path, *, tensorboard: bool, jsonl: bool = True, purge_step: int | None = None):
+        """`purge_step`: on resume, TensorBoard drops its events from this step on (the JSONL files are rolled
+        back by the trainer before they are opened)."""
         self.run_dir = run_dir
         self._jsonl = (run_dir / "metrics.jsonl").open("a", encoding="utf-8") if jsonl else None
         self._alerts = (run_dir / "alerts.jsonl").open("a", encoding="utf-8")
@@ -20,7 +22,7 @@ class MetricsLog:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self._tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge_step)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         record = {"step": step, "time": round(time.time(), 3), **{k: _plain(v) for k, v in metrics.items()}}
@@ -52,9 +54,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
     return value
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -1,0 +1,121 @@
+"""Wiring: a config, a policy and prepared data in; the parts the training loop runs on out.
+
+Everything the loop needs is built here once (method and loss, reference view and its cache,
+controllers, optimiser, schedule), so `preftune/train/trainer.py` holds only the loop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from transformers import get_scheduler
+
+from preftune.config import RunConfig
+from preftune.control import Controller, NonFiniteGuard, ThresholdAlert
+from preftune.errors import ConfigError, PreftuneError
+from preftune.logprobs.cache import ReferenceLogpsCache, open_reference_cache
+from preftune.methods import Method
+from preftune.methods.base import ExampleLayout, Loss
+from preftune.model.reference import ReferenceModel
+
+
+@dataclass
+class TrainingParts:
+    method: Method
+    loss: Loss
+    layout: ExampleLayout
+    accelerator: Accelerator
+    policy: torch.nn.Module
+    reference: ReferenceModel | None
+    reference_cache: ReferenceLogpsCache | None
+    controllers: list[Controller]
+    trainable: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    examples_per_micro_batch: int  # all processes together
+    steps_per_epoch: int
+    total_steps: int
+
+
+def monitoring_controllers(config: RunConfig) -> list[Controller]:
+    """The controllers every run has (the non-finite guard) and the ones `monitoring:` asks for."""
+    controllers: list[Controller] = [NonFiniteGuard(max_consecutive=config.training.max_consecutive_nonfinite_steps)]
+    if config.monitoring.negative_margin_alert is not None:
+        controllers.append(
+            ThresholdAlert(
+                name="negative_margin_alert",
+                metric="eval/negative_margin_fraction",
+                threshold=config.monitoring.negative_margin_alert,
+                description="validation pairs ranked the wrong way (reward margin < 0)",
+            )
+        )
+    return controllers
+
+
+def assemble(
+    config: RunConfig,
+    *,
+    policy: torch.nn.Module,
+    train_examples: int,
+    controllers: list[Controller] = (),
+    accelerator: Accelerator | None = None,
+) -> TrainingParts:
+    training = config.training
+    accelerator = accelerator or Accelerator(mixed_precision=training.mixed_precision, cpu=not torch.cuda.is_available())
+    method = config.method_spec
+    if training.per_device_train_batch_size < method.min_batch_size:
+        raise ConfigError(
+            f"loss_type {method.name} needs training.per_device_train_batch_size >= {method.min_batch_size} "
+            f"(got {training.per_device_train_batch_size})"
+        )
+    policy = policy.to(accelerator.device)
+    policy.train()
+    if training.gradient_checkpointing:
+        # Non-reentrant: gradients reach the LoRA weights without making the inputs require grad. Only
+        # training-mode forwards recompute; the reference (eval mode, no_grad) runs as before.
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    reference = ReferenceModel(policy, chunk_size=training.logprob_chunk_size) if method.needs_reference else None
+    reference_cache = None
+    if reference is not None and training.reference_cache:
+        reference_cache = open_reference_cache(
+            reference.model, root=training.reference_cache_dir, mixed_precision=training.mixed_precision
+        )
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    if not trainable:
+        raise PreftuneError("the policy has no trainable parameters")
+    optimizer = torch.optim.AdamW(
+        trainable,
+        lr=training.learning_rate,
+        betas=(training.adam_beta1, training.adam_beta2),
+        weight_decay=training.weight_decay,
+    )
+    per_micro_batch = training.per_device_train_batch_size * accelerator.num_processes
+    micro_batches_per_epoch = math.ceil(train_examples / per_micro_batch)
+    steps_per_epoch = math.ceil(micro_batches_per_epoch / training.gradient_accumulation_steps)
+    total_steps = training.max_steps or math.ceil(training.num_train_epochs * steps_per_epoch)
+    scheduler = get_scheduler(
+        training.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=round(training.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    return TrainingParts(
+        method=method,
+        loss=method.build_loss(config.method),
+        layout=method.layout,
+        accelerator=accelerator,
+        policy=policy,
+        reference=reference,
+        reference_cache=reference_cache,
+        controllers=[*method.controllers(config.method), *monitoring_controllers(config), *controllers],
+        trainable=trainable,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        examples_per_micro_batch=per_micro_batch,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+    )
