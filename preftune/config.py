@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
+from preftune.control.alerts import AlertSettings
 from preftune.config_template import TEMPLATE_KEY, is_template, translate_template
 from preftune.errors import ConfigError
 from preftune.logprobs.engine import DEFAULT_CHUNK_SIZE
@@ -104,10 +105,10 @@ class TrainingSettings(_Section):
     report_to: list[Literal["jsonl", "tensorboard"]] = Field(default_factory=lambda: ["jsonl", "tensorboard"])
 
 
-class MonitoringSettings(_Section):
-    negative_margin_alert: float | None = Field(
-        None, ge=0.0, le=1.0, description="alert when the validation fraction of pairs with reward margin < 0 exceeds this"
-    )
+class MonitoringSettings(AlertSettings):
+    """The alert rules run during training (preftune/control/alerts.py) and their thresholds."""
+
+    alerts: bool = Field(True, description="run the alert rules after every evaluation; alerts go to alerts.jsonl")
 
 
 class NotYetAppliedSettings(_Section):

@@ -127,8 +127,7 @@ def test_the_report_judges_alerts_with_the_runs_own_thresholds(tmp_path):
 
     run_dir = write_synthetic_run(tmp_path / "run", probes=False)
     config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
-    config["monitoring"] = {"negative_margin_alert": 0.4}
-    config["method"]["constraints"]["violation_alert"] = 0.05
+    config["monitoring"] = {"alert_negative_margin_ratio": 0.4, "alert_constraint_violation_ratio": 0.05}
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     settings = alert_settings(read_run(run_dir))
     assert (settings.alert_negative_margin_ratio, settings.alert_constraint_violation_ratio) == (0.4, 0.05)
