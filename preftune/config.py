@@ -111,6 +111,15 @@ class MonitoringSettings(AlertSettings):
     alerts: bool = Field(True, description="run the alert rules after every evaluation; alerts go to alerts.jsonl")
 
 
+class ProbeSettings(_Section):
+    """Probes scored under the reference and the trained policy at the end of training (probes.json, in the report)."""
+
+    file: str | None = Field(
+        None, description="a JSONL of probes {prompt, chosen (safe), rejected (unsafe), id?, split?}; null = the shipped harmlessness probes"
+    )
+    max_length: int = Field(512, ge=8, description="prompt + answer tokens per probe sequence")
+
+
 class NotYetAppliedSettings(_Section):
     """Keys of the design template (`preference_training:`) that preftune validates and records, but does not act on yet."""
 
@@ -132,6 +141,7 @@ class RunConfig(_Section):
     )
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
+    probes: ProbeSettings | None = Field(None, description="score probes before/after training; null = off")
     not_yet_applied: NotYetAppliedSettings | None = Field(
         None, description="recorded from the design template, NOT acted on by this version of preftune"
     )
