@@ -87,6 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--output", help="also write the table as JSON here (put it in a run folder as probes.json for the report)")
     probe.add_argument("--max-length", type=int, default=512, help="prompt + answer tokens per sequence")
 
+    evaluate = commands.add_parser(
+        "eval", help="preference accuracy and margins of any local model (and reference) on a preference file, as a run folder"
+    )
+    evaluate.add_argument("--model", required=True, help="a model folder (final/merged, a TRL output), a LoRA adapter folder, or an embedded model")
+    evaluate.add_argument("--reference", help="the reference model folder (default: the adapter-disabled view of an adapter; else none)")
+    evaluate.add_argument("--data", required=True, help="a preference file (any format `preftune train` reads) or 'name:split'")
+    evaluate.add_argument("--output-dir", required=True, help="the run folder to write (metrics, evaluations/, report.html)")
+    evaluate.add_argument("--beta", type=float, default=0.1, help="β of the implicit-reward margins (with a reference)")
+    evaluate.add_argument("--format", default="auto", help="data format (default: detected)")
+    evaluate.add_argument("--max-length", type=int, default=512, help="prompt + answer tokens per sequence")
+    evaluate.add_argument("--max-samples", type=int, help="evaluate only the first N pairs")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an existing run folder's preftune files")
+
     report = commands.add_parser("report", help="rebuild summary.md, plots/ and report.html of a run folder from its files")
     report.add_argument("run_dir", help="a run folder (holds config.yaml, metrics.jsonl, evaluations/)")
 
@@ -227,6 +240,15 @@ def main(argv: list[str] | None = None) -> int:
             _probe(args, console)
         elif args.command == "constitute":
             _constitute(args, console)
+        elif args.command == "eval":
+            from preftune.evaluate import evaluate_model
+
+            paths = evaluate_model(
+                args.model, data=args.data, output_dir=args.output_dir, reference=args.reference, beta=args.beta,
+                data_format=args.format, max_length=args.max_length, max_samples=args.max_samples, overwrite=args.overwrite,
+                console=console,
+            )
+            console.print(f"[bold green]evaluated[/]: {escape(str(paths.html))}")
         elif args.command == "report":
             from preftune.eval.html_report import build_report
 

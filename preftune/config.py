@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
+from preftune.control.alerts import AlertSettings
 from preftune.config_template import TEMPLATE_KEY, is_template, translate_template
 from preftune.errors import ConfigError
 from preftune.logprobs.engine import DEFAULT_CHUNK_SIZE
@@ -154,10 +155,19 @@ class TrainingSettings(_Section):
     report_to: list[Literal["jsonl", "tensorboard"]] = Field(default_factory=lambda: ["jsonl", "tensorboard"])
 
 
-class MonitoringSettings(_Section):
-    negative_margin_alert: float | None = Field(
-        None, ge=0.0, le=1.0, description="alert when the validation fraction of pairs with reward margin < 0 exceeds this"
+class MonitoringSettings(AlertSettings):
+    """The alert rules run during training (preftune/control/alerts.py) and their thresholds."""
+
+    alerts: bool = Field(True, description="run the alert rules after every evaluation; alerts go to alerts.jsonl")
+
+
+class ProbeSettings(_Section):
+    """Probes scored under the reference and the trained policy at the end of training (probes.json, in the report)."""
+
+    file: str | None = Field(
+        None, description="a JSONL of probes {prompt, chosen (safe), rejected (unsafe), id?, split?}; null = the shipped harmlessness probes"
     )
+    max_length: int = Field(512, ge=8, description="prompt + answer tokens per probe sequence")
 
 
 class RunConfig(_Section):
@@ -173,6 +183,7 @@ class RunConfig(_Section):
     )
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
+    probes: ProbeSettings | None = Field(None, description="score probes before/after training; null = off")
 
     @field_validator("method", mode="before")
     @classmethod

@@ -48,7 +48,7 @@ RENAMES: dict[str, dict[str, str]] = {
         "eval_steps": "training.eval_steps",
         "evaluation_interval_steps": "training.eval_steps",
         "validation_size": "data.max_validation_samples",
-        "alert_negative_margin_ratio": "monitoring.negative_margin_alert",
+        "alert_negative_margin_ratio": "monitoring.alert_negative_margin_ratio",
         "alert_constraint_violation": "method.constraints.violation_alert",
         "alert_patience": "method.constraints.patience",
     },
@@ -65,7 +65,6 @@ REFERENCE_KEYS = ("reference_model", "reference_path", "freeze_reference")
 # Keys that switch on what preftune always does.
 ALWAYS_ON = {"monitoring": ("track_preference_accuracy", "track_margin_distribution")}
 PREFERENCE_SOURCES = ("human", "synthetic", "mixed_human_synthetic")
-DEFAULT_DIVERGENCE_ALERT = 0.15  # the design's "negative margins exceed 15%"
 
 
 def is_template(raw: dict[str, Any]) -> bool:
@@ -122,11 +121,8 @@ def translate_template(
             elif key in ALWAYS_ON.get(section, ()):
                 notes.append(f"{TEMPLATE_KEY}.{origin} = {json.dumps(value)}: always on (every evaluation is kept per example in evaluations/)")
             elif section == "monitoring" and key == "divergence_alert":
-                if value is True:
-                    notes.append(f"{TEMPLATE_KEY}.{origin} = true: alerts stay on; the negative-margin alert watches the 15% bar")
-                    translated.setdefault("monitoring", {}).setdefault("negative_margin_alert", DEFAULT_DIVERGENCE_ALERT)
-                elif value is False:
-                    put("monitoring.negative_margin_alert", None, origin)
+                if isinstance(value, bool):
+                    put("monitoring.alerts", value, origin)
                 else:
                     problems.append(f"{here}: expected true or false, got {value!r}")
             elif section == "constraints" and key == "enforce_positive_margin":

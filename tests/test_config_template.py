@@ -44,7 +44,7 @@ def test_the_template_as_written_loads_and_maps_every_key(tmp_path, caplog):
     assert (constraints.margin_threshold, constraints.lagrangian_lr, constraints.initial_lambda) == (0.1, 0.01, 0.0)
     assert (constraints.temperature, constraints.length_normalize) == (1.0, True)
     assert (constraints.violation_alert, constraints.patience) == (0.05, 3)
-    assert config.monitoring.negative_margin_alert == 0.15
+    assert config.monitoring.alert_negative_margin_ratio == 0.15
     assert (config.data.max_validation_samples, config.data.max_length) == (500, 2048)
     assert (config.data.human_ratio, config.data.kl_divergence_threshold) == (0.3, 0.15)
     assert "not_yet_applied" not in type(config).model_fields
@@ -168,7 +168,7 @@ def test_the_design_documents_template_verbatim_is_constrained_dpo_with_every_ke
     training = config.training
     assert (training.learning_rate, training.weight_decay, training.max_grad_norm) == (1e-5, 0.01, 1.0)
     assert (training.per_device_train_batch_size, training.gradient_accumulation_steps, training.eval_steps) == (4, 8, 500)
-    assert config.monitoring.negative_margin_alert == 0.15
+    assert config.monitoring.alert_negative_margin_ratio == 0.15
     assert config.data.max_length == 2048
     assert "the template names no data files; give them as data.train_file" in caplog.text
 

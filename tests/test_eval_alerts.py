@@ -3,7 +3,7 @@ import math
 import pytest
 from pydantic import ValidationError
 
-from preftune.eval.alerts import (
+from preftune.control.alerts import (
     CONSTRAINT_VIOLATION,
     DECOUPLING,
     DISPLACEMENT,
@@ -150,3 +150,40 @@ def test_settings_refuse_unknown_keys():
     with pytest.raises(ValidationError):
         AlertSettings(alert_negative_margin=0.2)
     assert AlertSettings.model_fields["alert_negative_margin_ratio"].description
+
+
+def test_the_training_controller_alerts_once_while_a_problem_holds_and_again_after_it_cleared():
+    from preftune.control import AlertSettings, StepContext, TrainingAlerts
+
+    raised = []
+    controller = TrainingAlerts(AlertSettings(alert_negative_margin_ratio=0.15))
+
+    def evaluate(step, fraction):
+        context = StepContext(step=step, total_steps=10, epoch=0, alert=lambda kind, message, **details: raised.append((step, kind)))
+        controller.on_step_end(StepContext(step=step, total_steps=10, epoch=0, metrics={"loss": 0.5}))
+        controller.on_evaluate(context, {"eval/negative_margin_fraction": fraction, "eval/rewards/accuracies": 0.6})
+
+    for step, fraction in [(1, 0.1), (2, 0.3), (3, 0.4), (4, 0.1), (5, 0.2)]:
+        evaluate(step, fraction)
+    assert raised == [(2, "negative_margin"), (5, "negative_margin")]
+    restored = TrainingAlerts(AlertSettings())
+    restored.load_state_dict(controller.state_dict())
+    assert restored.active == ["negative_margin"] and restored.rows == controller.rows
+
+
+def test_a_training_run_writes_its_alerts_with_what_they_mean(tmp_path):
+    from preftune import runfolder
+    from preftune.run import build_trainer
+    from tests.support import save_tiny_model, tiny_run_config
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    config = tiny_run_config(
+        tmp_path / "run", model_dir, monitoring={"alert_negative_margin_ratio": 0.0}, training={"eval_steps": 1}
+    )
+    build_trainer(config).train()
+    alerts = runfolder.read_jsonl(tmp_path / "run" / runfolder.ALERTS)
+    negative = [a for a in alerts if a["kind"] == "negative_margin"]
+    assert len(negative) <= 1 and all(a["what_it_means"] and a["what_to_try"] for a in alerts)
+    quiet = tiny_run_config(tmp_path / "quiet", model_dir, monitoring={"alerts": False}, training={"eval_steps": 1})
+    build_trainer(quiet).train()
+    assert runfolder.read_jsonl(tmp_path / "quiet" / runfolder.ALERTS) == []

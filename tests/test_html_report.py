@@ -127,11 +127,10 @@ def test_the_report_judges_alerts_with_the_runs_own_thresholds(tmp_path):
 
     run_dir = write_synthetic_run(tmp_path / "run", probes=False)
     config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
-    config["monitoring"] = {"negative_margin_alert": 0.4}
-    config["method"]["constraints"]["violation_alert"] = 0.05
+    config["monitoring"] = {"alert_negative_margin_ratio": 0.4, "alert_constraint_violation_ratio": 0.05}
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     settings = alert_settings(read_run(run_dir))
     assert (settings.alert_negative_margin_ratio, settings.alert_constraint_violation_ratio) == (0.4, 0.05)
     summary = build_report(run_dir).summary.read_text(encoding="utf-8")
     assert "**negative_margin**" not in summary  # 30% negative margins are under this run's 40%
-    assert "(margin < τ; alert above 5%)" in summary
+    assert "violate the CPO margin constraint (margin < τ) (alert above 5%)" in summary

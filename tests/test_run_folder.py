@@ -120,7 +120,7 @@ def test_a_nonfinite_gradient_is_skipped_counted_and_never_applied(tmp_path, mod
     assert calls[1] is True  # after step 1 the weights are exactly the initial ones
     assert all(torch.isfinite(p).all() for p in trainer.trainable)
     alerts = runfolder.read_jsonl(tmp_path / "run" / runfolder.ALERTS)
-    assert [a["kind"] for a in alerts] == ["nonfinite_step"]
+    assert [a["kind"] for a in alerts if a["kind"].startswith("nonfinite")] == ["nonfinite_step"]
     steps = [row for row in runfolder.read_jsonl(tmp_path / "run" / runfolder.METRICS) if "loss" in row]
     assert steps[0]["nonfinite/skipped_steps"] == 1.0
 

@@ -4,7 +4,10 @@ They see a narrow `StepContext` (step, metrics, LR scale, alert sink, requests t
 never the trainer, and pass values to the loss through `loss_inputs()`, never by mutating it.
 """
 
+from preftune.control.alerts import AlertSettings, TrainingAlerts
 from preftune.control.base import AlertSink, Controller, StepContext
-from preftune.control.monitors import LRReductionOnAlert, NonFiniteGuard, ThresholdAlert
+from preftune.control.monitors import LRReductionOnAlert, NonFiniteGuard
 
-__all__ = ["AlertSink", "Controller", "LRReductionOnAlert", "NonFiniteGuard", "StepContext", "ThresholdAlert"]
+__all__ = [
+    "AlertSettings", "AlertSink", "Controller", "LRReductionOnAlert", "NonFiniteGuard", "StepContext", "TrainingAlerts",
+]

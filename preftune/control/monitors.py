@@ -1,5 +1,5 @@
-"""Generic controllers: an alert when a validation metric crosses a threshold, an LR cut when it stays
-there, and the guard that keeps non-finite updates out of the weights.
+"""Generic controllers: an LR cut when a validation metric stays above a threshold, and the guard that
+keeps non-finite updates out of the weights (the alert rules are in preftune/control/alerts.py).
 
 Evaluations before the first optimiser step are ignored by the validation monitors: the policy
 still equals the reference there, so its margins say nothing about training.
@@ -12,25 +12,6 @@ from typing import Any
 
 from preftune.control.base import Controller, StepContext
 from preftune.errors import PreftuneError
-
-
-class ThresholdAlert(Controller):
-    """Alert whenever validation `metric` is above `threshold`."""
-
-    def __init__(self, *, name: str, metric: str, threshold: float, description: str):
-        self.name = name
-        self.metric = metric
-        self.threshold = threshold
-        self.description = description
-
-    def on_evaluate(self, context: StepContext, summary: dict[str, float]) -> None:
-        value = summary.get(self.metric)
-        if context.step > 0 and value is not None and value > self.threshold:
-            context.alert(
-                self.name,
-                f"{self.description}: {value:.1%} > {self.threshold:.1%}",
-                metric=self.metric, value=value, threshold=self.threshold,
-            )
 
 
 class LRReductionOnAlert(Controller):

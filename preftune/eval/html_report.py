@@ -34,7 +34,7 @@ import yaml
 
 from preftune.atomic import atomic_write_text
 from preftune.errors import PreftuneError
-from preftune.eval.alerts import GUIDANCE, Alert, AlertSettings, evaluate_alerts
+from preftune.control.alerts import GUIDANCE, Alert, AlertSettings, evaluate_alerts
 from preftune.eval.plots import plot_margin_evolution, plot_metric_curves, plot_training_curves
 from preftune.eval.probes import PROBES_FILE, render_probe_rows
 from preftune.eval.stats import (
@@ -380,16 +380,9 @@ def _alert_lines(row: Mapping[str, Any]) -> list[str]:
 
 
 def alert_settings(records: RunRecords) -> AlertSettings:
-    """Defaults, overridden by the run's own thresholds: `monitoring.negative_margin_alert`, CPO's
-    `method.constraints.violation_alert`, and any `monitoring:` key named like an AlertSettings field."""
+    """The thresholds the run itself trained with (its `monitoring:` section), so the report judges as training did."""
     monitoring = records.config.get("monitoring") or {}
-    constraints = records.config.get("method", {}).get("constraints") or {}
-    values = {key: value for key, value in monitoring.items() if key in AlertSettings.model_fields}
-    if monitoring.get("negative_margin_alert") is not None:
-        values.setdefault("alert_negative_margin_ratio", monitoring["negative_margin_alert"])
-    if constraints.get("violation_alert") is not None:
-        values.setdefault("alert_constraint_violation_ratio", constraints["violation_alert"])
-    return AlertSettings(**values)
+    return AlertSettings(**{key: value for key, value in monitoring.items() if key in AlertSettings.model_fields})
 
 
 def alerts_section(records: RunRecords, judged: Sequence[Alert]) -> ReportSection:

@@ -89,6 +89,11 @@ def summarize_evaluation(rows: list[dict[str, Any]], prefix: str = "eval/") -> d
     names = ["chosen", "rejected"] if answers == 2 else ["completion"]
     for slot, name in enumerate(names):
         summary[f"{prefix}logps/{name}"] = sum(row["policy_logps"][slot] / row["answer_tokens"][slot] for row in rows) / len(rows)
+        if rows[0]["reference_logps"] is not None:
+            # The same examples every evaluation: a moving value means the reference is not frozen.
+            summary[f"{prefix}reference/logps/{name}"] = (
+                sum(row["reference_logps"][slot] / row["answer_tokens"][slot] for row in rows) / len(rows)
+            )
     if "rewards/margins" in rows[0]:
         margins = torch.tensor([row["rewards/margins"] for row in rows])
         summary[f"{prefix}rewards/accuracies"] = (margins > TIE_TOLERANCE).float().mean().item()

@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from transformers import get_scheduler
 
 from preftune.config import RunConfig
-from preftune.control import Controller, NonFiniteGuard, ThresholdAlert
+from preftune.control import AlertSettings, Controller, NonFiniteGuard, TrainingAlerts
 from preftune.errors import ConfigError, PreftuneError
 from preftune.logprobs.cache import ReferenceLogpsCache, open_reference_cache
 from preftune.methods import Method
@@ -44,15 +44,8 @@ class TrainingParts:
 def monitoring_controllers(config: RunConfig) -> list[Controller]:
     """The controllers every run has (the non-finite guard) and the ones `monitoring:` asks for."""
     controllers: list[Controller] = [NonFiniteGuard(max_consecutive=config.training.max_consecutive_nonfinite_steps)]
-    if config.monitoring.negative_margin_alert is not None:
-        controllers.append(
-            ThresholdAlert(
-                name="negative_margin_alert",
-                metric="eval/negative_margin_fraction",
-                threshold=config.monitoring.negative_margin_alert,
-                description="validation pairs ranked the wrong way (reward margin < 0)",
-            )
-        )
+    if config.monitoring.alerts:
+        controllers.append(TrainingAlerts(AlertSettings.model_validate(config.monitoring.model_dump(exclude={"alerts"}))))
     return controllers
 
 

@@ -39,9 +39,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from preftune.control.base import Controller, StepContext
 from preftune.runfolder import EVAL_PREFIX
+from preftune.settings import Section
 
 NEGATIVE_MARGIN = "negative_margin"
 DECOUPLING = "loss_accuracy_decoupling"
@@ -107,10 +109,8 @@ GUIDANCE: dict[str, tuple[str, str]] = {
 }
 
 
-class AlertSettings(BaseModel):
+class AlertSettings(Section):
     """Thresholds of the alert rules (module docstring: what each rule tests)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     alert_negative_margin_ratio: float = Field(
         0.15, ge=0.0, le=1.0, description="alert when the validation fraction of pairs with reward margin < 0 exceeds this"
@@ -226,18 +226,19 @@ def _series(rows: Sequence[Mapping[str, Any]], key: str, *, after_start: bool) -
     return sorted(points, key=lambda point: point[0])
 
 
-def negative_margin_alert(rows: Sequence[Mapping[str, Any]], settings: AlertSettings) -> Alert | None:
-    series = _series(rows, NEGATIVE_MARGIN_METRIC, after_start=True)
-    if not series:
+def _latest_above(rows: Sequence[Mapping[str, Any]], metric: str, threshold: float, kind: str, what: str) -> Alert | None:
+    """`kind` when the latest evaluation (after step 0) of `metric` is above `threshold`; `what` describes the value."""
+    series = _series(rows, metric, after_start=True)
+    if not series or series[-1][1] <= threshold:
         return None
     step, value = series[-1]
-    threshold = settings.alert_negative_margin_ratio
-    if value <= threshold:
-        return None
-    return _alert(
-        NEGATIVE_MARGIN, step, f"{value:.1%} of validation pairs have a negative reward margin (alert above {threshold:.0%})",
-        metric=NEGATIVE_MARGIN_METRIC, value=value, threshold=threshold,
-    )
+    return _alert(kind, step, f"{value:.1%} of validation pairs {what} (alert above {threshold:.0%})",
+                  metric=metric, value=value, threshold=threshold)
+
+
+def negative_margin_alert(rows: Sequence[Mapping[str, Any]], settings: AlertSettings) -> Alert | None:
+    return _latest_above(rows, NEGATIVE_MARGIN_METRIC, settings.alert_negative_margin_ratio, NEGATIVE_MARGIN,
+                         "have a negative reward margin")
 
 
 def decoupling_alert(rows: Sequence[Mapping[str, Any]], settings: AlertSettings) -> Alert | None:
@@ -358,18 +359,8 @@ def non_finite_alert(rows: Sequence[Mapping[str, Any]], settings: AlertSettings)
 
 
 def constraint_violation_alert(rows: Sequence[Mapping[str, Any]], settings: AlertSettings) -> Alert | None:
-    series = _series(rows, VIOLATION_METRIC, after_start=True)
-    if not series:
-        return None
-    step, value = series[-1]
-    threshold = settings.alert_constraint_violation_ratio
-    if value <= threshold:
-        return None
-    return _alert(
-        CONSTRAINT_VIOLATION, step,
-        f"{value:.1%} of validation pairs violate the CPO margin constraint (margin < τ; alert above {threshold:.0%})",
-        metric=VIOLATION_METRIC, value=value, threshold=threshold,
-    )
+    return _latest_above(rows, VIOLATION_METRIC, settings.alert_constraint_violation_ratio, CONSTRAINT_VIOLATION,
+                         "violate the CPO margin constraint (margin < τ)")
 
 
 RULES = (
@@ -395,3 +386,42 @@ def evaluate_alerts(
         if (drift := reference_drift_in_evaluations(evaluations, settings)) is not None:
             alerts.append(drift)
     return alerts
+
+
+class TrainingAlerts(Controller):
+    """The alert rules, run after every evaluation on the run's metrics so far; each alert goes to alerts.jsonl
+    with what it means and what to try. A kind is alerted when it starts to hold, and again only after it cleared,
+    so a persistent problem is one alert, not one per evaluation. Healthy runs stay quiet.
+
+    It keeps what the rules read: every evaluation summary, and the step and loss of every training step.
+    """
+
+    name = "alerts"
+
+    def __init__(self, settings: AlertSettings):
+        self.settings = settings
+        self.rows: list[dict[str, Any]] = []
+        self.active: list[str] = []
+
+    def on_step_end(self, context: StepContext) -> None:
+        row = {"step": context.step, "loss": context.metrics.get("loss")}
+        row.update({key: str(value) for key, value in context.metrics.items() if is_non_finite(value)})
+        self.rows.append(row)
+
+    def on_evaluate(self, context: StepContext, summary: dict[str, float]) -> None:
+        self.rows.append({"step": context.step, **summary})
+        alerts = evaluate_alerts(self.rows, self.settings)
+        for alert in alerts:
+            if alert.kind not in self.active:
+                context.alert(
+                    alert.kind, alert.message, what_it_means=alert.what_it_means, what_to_try=alert.what_to_try,
+                    **alert.details,
+                )
+        self.active = sorted({alert.kind for alert in alerts})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": list(self.rows), "active": list(self.active)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rows = list(state["rows"])
+        self.active = list(state["active"])
