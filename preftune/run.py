@@ -38,13 +38,16 @@ def build_trainer(config: RunConfig, *, console: Console | None = None) -> Train
         # The adapter's random init must be the same in every process and every run of this config.
         set_seed(config.training.seed)
         model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
-    parts = assemble(config, policy=model, train_examples=len(data.train))
+    longest = max((len(e.prompt_ids) + sum(map(len, e.answer_ids)) for e in data.train), default=None)
+    parts = assemble(config, policy=model, train_examples=len(data.train), longest_example=longest)
     trainer = Trainer(config, parts, tokenizer=tokenizer, data=data, console=console)
     # Recorded in run.json beside the identity (resume compares only the config hash and data fingerprint).
     trainer.identity["precision"] = {
         "model.dtype": settings.dtype, "base_dtype": base_dtype, "parameters_by_dtype": base_weight_dtypes(model),
     }
+    trainer.identity["memory"] = parts.memory.as_record()
     if state.is_main_process:
+        console.print(f"memory: {parts.memory.reason}")
         console.print(f"precision: frozen decoder linears {base_dtype} (model.dtype {settings.dtype}); LoRA, optimiser, LM head float32")
     return trainer
 
