@@ -36,11 +36,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import flops  # noqa: E402  (benchmarks/flops.py: the FLOP count and the matmul peak)
+
 RESULT_PREFIX = "BENCH-RESULT "
 MODEL = "smollm2-135m"
 LEARNING_RATE = 5e-5
 BETA = 0.1
 SEED = 42
+LORA_TARGETS = ("q_proj", "v_proj")
+PEAK_SHAPE = "[2048, 576] @ [576, 1536], SmolLM2-135M's MLP shape"
 
 
 # ---- the job, shared by both trainers -------------------------------------------------------
@@ -81,17 +86,32 @@ def run_preftune(args) -> dict:
         cache_dir=Path(args.cache_dir), reference_cache=True,
     )
     trainer = build_trainer(config)
-    step_seconds, losses = [], []
+    model_config = trainer.policy.get_base_model().config
+    checkpointing = trainer.parts.memory.gradient_checkpointing
+    step_seconds, losses, step_flops = [], [], []
     for step in range(args.steps):
         micro_batches = trainer.step_micro_batches(epoch=0, step_in_epoch=step)
+        misses_before = trainer.reference_cache.misses
         started = time.perf_counter()
         metrics = trainer.optimizer_step(micro_batches)
         step_seconds.append(time.perf_counter() - started)
         losses.append(metrics["loss"])
+        work = flops.StepWork(0, 0, 0)
+        for indices in micro_batches:
+            examples = [trainer.data.train[i] for i in indices]
+            work = work + flops.packed_work(trainer.layout.collate(examples, pad_id=trainer.pad_id), examples)
+        step_flops.append(flops.step_flops(
+            model_config, work, lora_rank=16, lora_targets=LORA_TARGETS, checkpointing=checkpointing,
+            reference_in_step=trainer.reference_cache.misses > misses_before, head_recomputed=True,
+        )["total"])
     trainer.reference_cache.flush()
     return {
         "step_seconds": step_seconds,
         "losses": losses,
+        "step_flops": step_flops,
+        "compute_dtype": trainer.identity["precision"]["base_dtype"],
+        "gradient_checkpointing": checkpointing,
+        "memory": trainer.identity["memory"],
         "reference_cache_hits": trainer.reference_cache.hits,
         "reference_cache_misses": trainer.reference_cache.misses,
     }
@@ -180,7 +200,18 @@ def run_trl(args, *, fastest: bool) -> dict:
     )
     setup_seconds = time.perf_counter() - args.started
     trainer.train()
+    step_work = [flops.unshared_work(pairs[i : i + args.batch_size]) for i in range(0, len(pairs), args.batch_size)]
+    step_flops = [
+        flops.step_flops(
+            model.config, work, lora_rank=16, lora_targets=LORA_TARGETS, checkpointing=not fastest,
+            reference_in_step=not fastest, head_recomputed=False,
+        )["total"]
+        for work in step_work
+    ]
     return {
+        "step_flops": step_flops,
+        "compute_dtype": "float32" if fastest else "bfloat16 (autocast)",
+        "gradient_checkpointing": not fastest,
         "step_seconds": timer.step_seconds,
         "losses": timer.losses,
         "setup_seconds": setup_seconds,
@@ -218,6 +249,9 @@ def launch(name: str, worker_kind: str, *, batch_size: int, max_length: int, ste
     result.update(name=name, batch_size=batch_size, max_length=max_length, steps=steps)
     result["pairs_per_second"] = batch_size * len(measured) / sum(measured)
     result["seconds_per_step"] = sum(measured) / len(measured)
+    measured_flops = result["step_flops"][1:] if len(result["step_seconds"]) > 1 else result["step_flops"]
+    result["gflop_per_step"] = sum(measured_flops) / len(measured_flops) / 1e9
+    result["achieved_gflops"] = sum(measured_flops) / sum(measured) / 1e9
     print(
         f"    {result['pairs_per_second']:.3f} pairs/s, {result['seconds_per_step']:.1f} s/step, peak RSS "
         f"{result['peak_rss_gb']:.2f} GB, losses {[round(x, 4) for x in result['losses']]}",
@@ -235,8 +269,11 @@ def machine_details() -> dict:
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
     memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    from preftune.model.precision import cpu_flags
+
     return {
         "cpu": cpu,
+        "cpu_bf16": ", ".join(sorted(f for f in cpu_flags() if "bf16" in f)),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "memory_gb": round(memory_gb, 1),
@@ -249,13 +286,25 @@ def machine_details() -> dict:
     }
 
 
-def fmt_row(result: dict, baseline: dict | None, fastest: dict | None) -> str:
+def cpu_label(details: dict) -> str:
+    return f"{details['cpu']} (bf16: {details['cpu_bf16'] or 'none'})"
+
+
+def mfu(result: dict, details: dict) -> str:
+    """Achieved FLOP/s ÷ the same-run matmul peak of the dtype the run's matmuls use."""
+    peak = details["matmul_gflops_bf16"] if result["compute_dtype"].startswith("bfloat16") else details["matmul_gflops_fp32"]
+    return f"{100 * result['achieved_gflops'] / peak:.0f}%"
+
+
+def fmt_row(result: dict, baseline: dict | None, fastest: dict | None, details: dict) -> str:
     ratio = lambda other: f"{result['pairs_per_second'] / other['pairs_per_second']:.2f}×" if other else "–"
     rss_ratio = f"{result['peak_rss_gb'] / baseline['peak_rss_gb']:.2f}×" if baseline else "–"
     losses = result["losses"]
     return (
         f"| {result['name']} | {result['pairs_per_second']:.3f} | {result['seconds_per_step']:.1f} | "
-        f"{result['peak_rss_gb']:.2f} | {losses[0]:.6f} | {losses[-1]:.6f} | {ratio(baseline)} | {ratio(fastest)} | {rss_ratio} |"
+        f"{result['peak_rss_gb']:.2f} | {losses[0]:.6f} | {losses[-1]:.6f} | {ratio(baseline)} | {ratio(fastest)} | {rss_ratio} | "
+        f"{result['compute_dtype']} | {'on' if result['gradient_checkpointing'] else 'off'} | {result['gflop_per_step']:.0f} | "
+        f"{result['achieved_gflops']:.1f} | {mfu(result, details)} | {cpu_label(details)} |"
     )
 
 
@@ -273,9 +322,15 @@ def report(main_runs: list[dict], scaling: list[dict], details: dict, args, load
         f"lr {LEARNING_RATE} cosine, seed {SEED}; batch {args.batch_size}, max length {args.max_length}, "
         f"{args.steps} steps (pairs/s over steps 2..{args.steps}). Same tokens, same order for every run.",
         "",
-        "| run | pairs/s | s/step | peak RSS GB | first loss | last loss | pairs/s ÷ TRL-default | pairs/s ÷ TRL-fastest | RSS ÷ TRL-default |",
-        "|---|---|---|---|---|---|---|---|---|",
-        *(fmt_row(r, default, fastest) for r in main_runs),
+        f"Matmul peak in this run ({PEAK_SHAPE}): fp32 {details['matmul_gflops_fp32']:.0f} GFLOP/s, "
+        f"bf16 {details['matmul_gflops_bf16']:.0f} GFLOP/s. MFU = model FLOPs per step (benchmarks/flops.py: policy "
+        "forward + backward with a frozen base, recomputation when checkpointing, the reference forward when it runs "
+        "in the step, the LM head where each trainer computes it) ÷ step time ÷ the peak of the run's matmul dtype.",
+        "",
+        "| run | pairs/s | s/step | peak RSS GB | first loss | last loss | pairs/s ÷ TRL-default | pairs/s ÷ TRL-fastest | RSS ÷ TRL-default "
+        "| matmul dtype | checkpointing | GFLOP/step | GFLOP/s | MFU | CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *(fmt_row(r, default, fastest, details) for r in main_runs),
         "",
         "Losses per step:",
         "",
@@ -290,8 +345,8 @@ def report(main_runs: list[dict], scaling: list[dict], details: dict, args, load
             f"Scaling ({args.scaling_steps} steps each, first excluded, except batch {args.batch_size} / max length "
             f"{args.max_length}: the main runs above; reference computed every step in both):",
             "",
-            "| run | batch | max length | pairs/s | s/step | peak RSS GB | preftune ÷ TRL pairs/s | preftune ÷ TRL RSS |",
-            "|---|---|---|---|---|---|---|---|",
+            "| run | batch | max length | pairs/s | s/step | peak RSS GB | preftune ÷ TRL pairs/s | preftune ÷ TRL RSS | MFU | CPU |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         trl_by_shape = {(r["batch_size"], r["max_length"]): r for r in scaling if r["name"] == "trl-default"}
         for r in scaling:
@@ -300,12 +355,14 @@ def report(main_runs: list[dict], scaling: list[dict], details: dict, args, load
             rss = f"{r['peak_rss_gb'] / other['peak_rss_gb']:.2f}×" if other else "–"
             lines.append(
                 f"| {r['name']} | {r['batch_size']} | {r['max_length']} | {r['pairs_per_second']:.3f} | "
-                f"{r['seconds_per_step']:.1f} | {r['peak_rss_gb']:.2f} | {speed} | {rss} |"
+                f"{r['seconds_per_step']:.1f} | {r['peak_rss_gb']:.2f} | {speed} | {rss} | {mfu(r, details)} | {cpu_label(details)} |"
             )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
+    import torch
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4, help="optimiser steps per main run (the first is excluded)")
     parser.add_argument("--scaling-steps", type=int, default=3, help="steps per run of the scaling grid")
@@ -324,6 +381,9 @@ def main() -> None:
         parser.error("--steps and --scaling-steps need at least 2 (the first step is excluded)")
 
     details = machine_details()
+    # The peaks MFU divides by, measured here in the same run (before the workers, so nothing of ours competes).
+    details["matmul_gflops_fp32"] = flops.matmul_peak(torch.float32) / 1e9
+    details["matmul_gflops_bf16"] = flops.matmul_peak(torch.bfloat16) / 1e9
     load_before = os.getloadavg()[0]
     shape = dict(batch_size=args.batch_size, max_length=args.max_length)
     main_runs = []

@@ -38,12 +38,25 @@ class LoraSettings(_Section):
 
 class ModelSettings(_Section):
     name_or_path: str = Field("smollm2-135m", description="embedded model name or a local Hugging Face folder")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="storage dtype of the frozen decoder linears (LoRA only; adapters, optimiser, norms, LM head stay fp32); "
+        "auto = bfloat16 with LoRA where the CPU has avx512_bf16/AMX or the GPU supports bf16, else float32",
+    )
     trust_remote_code: bool = False
     lora: LoraSettings | None = Field(
         default_factory=LoraSettings,
         description="LoRA adapter settings; null = full fine-tune with a frozen reference copy",
     )
+
+    @model_validator(mode="after")
+    def _low_precision_needs_lora(self) -> ModelSettings:
+        if self.dtype in ("bfloat16", "float16") and self.lora is None:
+            raise ValueError(
+                f"dtype {self.dtype} with lora: null would train {self.dtype} weights with no fp32 master copy; "
+                "use dtype float32 (or auto) for a full fine-tune, with training.mixed_precision: bf16 for bf16 compute"
+            )
+        return self
 
 
 class SourceSpec(_Section):
@@ -143,8 +156,13 @@ class TrainingSettings(_Section):
     )
     save_total_limit: int | None = Field(2, ge=1)
     logprob_chunk_size: int = Field(DEFAULT_CHUNK_SIZE, ge=1, description="answer positions per vocabulary projection chunk")
-    gradient_checkpointing: bool = Field(
-        True, description="recompute decoder-layer activations in backward instead of storing them: ~25% more time, a fraction of the memory"
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto",
+        description="recompute decoder-layer activations in backward instead of storing them (~25% more time, a fraction "
+        "of the memory); auto = only when the estimated activations of the largest micro-batch exceed memory_budget_gb",
+    )
+    memory_budget_gb: float | None = Field(
+        None, gt=0.0, description="activation memory gradient_checkpointing: auto may use; default half the available RAM (GPU: free memory)"
     )
     reference_cache: bool = Field(
         True,

@@ -17,6 +17,7 @@ from preftune.eval.probes import PROBES_FILE, SHIPPED_PROBES, run_probes
 from preftune.methods import DataShape
 from preftune.model.loading import load_model, load_tokenizer
 from preftune.model.lora import apply_lora, is_lora
+from preftune.model.precision import base_weight_dtypes, resolve_base_dtype, store_frozen_linears
 from preftune.train.setup import assemble
 from preftune.train.trainer import Trainer, TrainResult
 
@@ -30,14 +31,28 @@ def build_trainer(config: RunConfig, *, console: Console | None = None) -> Train
     data = prepare_examples(config.data, tokenizer, seed=config.training.seed, paired=paired)
     if PartialState(cpu=not torch.cuda.is_available()).is_main_process:
         console.print(escape(data.summary()))
-    model = load_model(settings.name_or_path, dtype=settings.dtype, trust_remote_code=settings.trust_remote_code)
+    state = PartialState(cpu=not torch.cuda.is_available())
+    base_dtype = resolve_base_dtype(settings.dtype, lora=settings.lora is not None, device=state.device)
+    # Loaded in fp32, then only the frozen decoder linears go low: adapters, norms and LM head stay fp32.
+    model = load_model(settings.name_or_path, dtype="float32", trust_remote_code=settings.trust_remote_code)
+    store_frozen_linears(model, base_dtype)
     if settings.lora is not None:
         lora = settings.lora
         # The adapter's random init must be the same in every process and every run of this config.
         set_seed(config.training.seed)
         model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
-    parts = assemble(config, policy=model, train_examples=len(data.train))
-    return Trainer(config, parts, tokenizer=tokenizer, data=data, console=console)
+    longest = max((len(e.prompt_ids) + sum(map(len, e.answer_ids)) for e in data.train), default=None)
+    parts = assemble(config, policy=model, train_examples=len(data.train), longest_example=longest)
+    trainer = Trainer(config, parts, tokenizer=tokenizer, data=data, console=console)
+    # Recorded in run.json beside the identity (resume compares only the config hash and data fingerprint).
+    trainer.identity["precision"] = {
+        "model.dtype": settings.dtype, "base_dtype": base_dtype, "parameters_by_dtype": base_weight_dtypes(model),
+    }
+    trainer.identity["memory"] = parts.memory.as_record()
+    if state.is_main_process:
+        console.print(f"memory: {parts.memory.reason}")
+        console.print(f"precision: frozen decoder linears {base_dtype} (model.dtype {settings.dtype}); LoRA, optimiser, LM head float32")
+    return trainer
 
 
 def write_probes(trainer: Trainer) -> Path:

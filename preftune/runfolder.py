@@ -4,7 +4,8 @@ Training writes these files; `preftune report RUN_DIR` and every other reader us
 never a live trainer. Names live here so writers and readers cannot drift apart.
 
     config.yaml                 the resolved run config
-    run.json                    identity: method, config hash, data fingerprint, preftune version
+    run.json                    identity: method, config hash, data fingerprint, preftune version; also status,
+                                timing, peak RSS, `precision` (base dtype) and `memory` (checkpointing decision)
     data_report.txt             what loading kept, skipped and truncated
     metrics.jsonl               one row per logged optimiser step ({"step", "time", ...}), and one per
                                 evaluation (its keys start with "eval/")

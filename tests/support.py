@@ -58,7 +58,8 @@ def tiny_run_config(output_dir: Path, model_dir: Path, **sections: dict[str, Any
     """A run config for the tiny model on a slice of the real hh-rlhf data; `sections` update the defaults."""
     raw: dict[str, Any] = {
         "output_dir": str(output_dir),
-        "model": {"name_or_path": str(model_dir), "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
+        # float32 pinned: `auto` would pick bf16 on some CPUs and the tests' tolerances would depend on the machine.
+        "model": {"name_or_path": str(model_dir), "dtype": "float32", "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
         "data": {
             "train_file": "hh-rlhf-harmless:train",
             "validation_file": "hh-rlhf-harmless:validation",

@@ -199,6 +199,8 @@ def open_reference_cache(
     settings = {
         "mixed_precision": mixed_precision,
         "attn_implementation": getattr(getattr(inner, "config", None), "_attn_implementation", None),
+        # A bf16-stored base computes other numbers than its fp32 original; the weight hash sees it too, this names it.
+        "frozen_weight_dtypes": sorted({str(tensor.dtype) for _, tensor in _frozen_weights(model)}),
     }
     description = {
         "format": CACHE_FORMAT,

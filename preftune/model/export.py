@@ -9,6 +9,7 @@ import torch
 
 from preftune.atomic import atomic_directory
 from preftune.model.lora import is_lora
+from preftune.model.precision import upcast_frozen_linears
 
 
 def save_adapter(policy: torch.nn.Module, tokenizer, target: str | Path) -> Path:
@@ -22,9 +23,14 @@ def save_adapter(policy: torch.nn.Module, tokenizer, target: str | Path) -> Path
 def save_merged(policy: torch.nn.Module, tokenizer, target: str | Path) -> Path:
     """A plain model folder (model.safetensors) loadable with `AutoModelForCausalLM.from_pretrained`.
 
-    LoRA weights are merged into a copy, so the live policy keeps its adapter.
+    LoRA weights are merged into a copy, so the live policy keeps its adapter. A bf16 base is
+    upcast first, so the fp32 adapter delta is added in fp32 and not rounded away to bf16.
     """
-    merged = copy.deepcopy(policy).merge_and_unload() if is_lora(policy) else policy
+    merged = policy
+    if is_lora(policy):
+        merged = copy.deepcopy(policy)
+        upcast_frozen_linears(merged)
+        merged = merged.merge_and_unload()
     training_use_cache = merged.config.use_cache
     merged.config.use_cache = True  # the export is for generation
     try:

@@ -18,8 +18,9 @@ from preftune.config import RunConfig
 from preftune.control import AlertSettings, Controller, NonFiniteGuard, TrainingAlerts
 from preftune.errors import ConfigError, PreftuneError
 from preftune.logprobs.cache import ReferenceLogpsCache, open_reference_cache
-from preftune.methods import Method
+from preftune.methods import DataShape, Method
 from preftune.methods.base import ExampleLayout, Loss
+from preftune.model.memory import MemoryPlan, default_memory_budget_bytes, estimate_activation_bytes, plan_gradient_checkpointing
 from preftune.model.reference import ReferenceModel
 
 
@@ -39,6 +40,7 @@ class TrainingParts:
     examples_per_micro_batch: int  # all processes together
     steps_per_epoch: int
     total_steps: int
+    memory: MemoryPlan
 
 
 def monitoring_controllers(config: RunConfig) -> list[Controller]:
@@ -49,6 +51,29 @@ def monitoring_controllers(config: RunConfig) -> list[Controller]:
     return controllers
 
 
+def memory_plan(config: RunConfig, policy: torch.nn.Module, *, longest_example: int | None, device) -> MemoryPlan:
+    """The gradient-checkpointing decision for this run (preftune/model/memory.py has the estimate's formula).
+
+    `longest_example`: tokens of the longest training example (prompt + all answers); None bounds
+    it by the config alone: answers per example × data.max_length (pairs 2, KTO 1).
+    """
+    training, lora = config.training, config.model.lora
+    inner = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+    if longest_example is None:
+        answers = {DataShape.PAIRED: 2, DataShape.UNPAIRED: 1}.get(config.method_spec.data_shape)
+        if answers is None:
+            raise ValueError(f"memory_plan: pass longest_example for {config.method_spec.data_shape.value} data")
+        longest_example = answers * config.data.max_length
+    estimate = estimate_activation_bytes(
+        inner.config, rows=training.per_device_train_batch_size, row_length=longest_example,
+        lora_rank=lora.r if lora is not None else None, lora_targets=len(lora.target_modules) if lora is not None else 0,
+    )
+    budget = None
+    if training.gradient_checkpointing == "auto":
+        budget = int(training.memory_budget_gb * 1e9) if training.memory_budget_gb is not None else default_memory_budget_bytes(device)
+    return plan_gradient_checkpointing(training.gradient_checkpointing, estimate, budget_bytes=budget)
+
+
 def assemble(
     config: RunConfig,
     *,
@@ -56,6 +81,7 @@ def assemble(
     train_examples: int,
     controllers: list[Controller] = (),
     accelerator: Accelerator | None = None,
+    longest_example: int | None = None,
 ) -> TrainingParts:
     training = config.training
     accelerator = accelerator or Accelerator(mixed_precision=training.mixed_precision, cpu=not torch.cuda.is_available())
@@ -67,7 +93,8 @@ def assemble(
         )
     policy = policy.to(accelerator.device)
     policy.train()
-    if training.gradient_checkpointing:
+    memory = memory_plan(config, policy, longest_example=longest_example, device=accelerator.device)
+    if memory.gradient_checkpointing:
         # Non-reentrant: gradients reach the LoRA weights without making the inputs require grad. Only
         # training-mode forwards recompute; the reference (eval mode, no_grad) runs as before.
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -111,4 +138,5 @@ def assemble(
         examples_per_micro_batch=per_micro_batch,
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
+        memory=memory,
     )

@@ -1,0 +1,131 @@
+"""How much memory the decoder's saved activations take, and whether gradient checkpointing is needed.
+
+`gradient_checkpointing: auto` turns checkpointing on only when the activations autograd keeps for
+backward in the largest micro-batch would not fit `training.memory_budget_gb` (default: half of
+the available RAM, or of the free GPU memory).
+
+The estimate (bytes, activations of `bytes_per_element`, fp32 here: the residual stream stays
+fp32 even with a bf16 base, whose casts save nothing extra) counts what a Llama-style decoder
+layer (transformers' sdpa path) saves, per token of the packed rows (T = rows × row length, pads
+included) and per layer, with d hidden size, i intermediate size, h·e attention heads × head dim,
+r the LoRA rank and m the number of LoRA target modules:
+
+    per token:  3·d  (the two RMSNorms' inputs and normalised outputs)
+              + 4·h·e (q and k after RoPE, k and v repeated to all h heads for GQA, the attention output)
+              + 3·i  (gate, up and SiLU(gate), kept for the gated product)
+              + r·m  (each adapter's x·A)                                     [LoRA]
+              + 4·d + h·e + i  (the inputs of the trained o/down projections)  [full fine-tune]
+    per row:    row length²  (the block mask as an additive float mask, one copy per layer)
+
+    outside     = T · (2·e + d) · bytes_per_element   (RoPE cos/sin, the final norm's input; + T·d when the
+                  embeddings are trained)
+    stored      = layers · (T · per token + rows · row length²) · bytes_per_element + outside
+    checkpointed = layers · T · d · bytes_per_element + outside  (each layer's input)
+                 + one layer's stored activations (recomputed in backward, one layer at a time)
+
+The kv heads do not lower it: the sdpa path repeats k and v to all heads before attention.
+Measured against the saved tensors of real forwards (tests/test_memory.py and SmolLM2-135M's
+shapes: 9.0k elements per token per layer predicted 8.99k) it agrees within a few percent; what
+the LM head keeps (a [chunk, vocab] slice, recomputed in backward) and the transient gradients of
+backward are not counted, so keep the budget below the physical memory.
+
+The largest micro-batch is bounded without collating it: each example is one packed row at most
+as long as the longest example (prompt + all its answers) of the training data, so
+rows × row length ≤ batch size × longest example, for every micro-batch of every epoch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import psutil
+import torch
+
+DEFAULT_BUDGET_FRACTION = 0.5
+_GB = 1e9
+
+
+@dataclass(frozen=True)
+class ActivationEstimate:
+    rows: int
+    row_length: int
+    layers: int
+    stored_bytes: int  # without checkpointing
+    layer_input_bytes: int  # with checkpointing: what stays saved through the forward (each layer's input)
+    checkpointed_bytes: int  # with checkpointing, peak: the layer inputs + one layer recomputed in backward
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The gradient-checkpointing decision and what it rests on; `as_record()` is what run.json keeps."""
+
+    setting: bool | str  # the config value: True, False or "auto"
+    gradient_checkpointing: bool
+    estimate: ActivationEstimate
+    budget_bytes: int | None  # None when the setting was not auto
+    reason: str
+
+    def as_record(self) -> dict:
+        record = {
+            "gradient_checkpointing": self.gradient_checkpointing,
+            "setting": self.setting,
+            "activation_gb_stored": round(self.estimate.stored_bytes / _GB, 3),
+            "activation_gb_checkpointed": round(self.estimate.checkpointed_bytes / _GB, 3),
+            "largest_micro_batch_bound": {"rows": self.estimate.rows, "row_length": self.estimate.row_length},
+            "reason": self.reason,
+        }
+        if self.budget_bytes is not None:
+            record["budget_gb"] = round(self.budget_bytes / _GB, 3)
+        return record
+
+
+def estimate_activation_bytes(
+    config, *, rows: int, row_length: int, lora_rank: int | None, lora_targets: int = 0, bytes_per_element: int = 4
+) -> ActivationEstimate:
+    """Saved-activation bytes of one micro-batch of `rows` packed rows of `row_length` (formula: module docstring).
+
+    `config` is the model's transformers config; `lora_rank=None` means a full fine-tune.
+    """
+    d, i = config.hidden_size, config.intermediate_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or d // heads
+    attention = heads * head_dim
+    per_token = 3 * d + 4 * attention + 3 * i
+    per_token += lora_rank * lora_targets if lora_rank is not None else 4 * d + attention + i
+    tokens = rows * row_length
+    per_layer = (tokens * per_token + rows * row_length**2) * bytes_per_element
+    layers = config.num_hidden_layers
+    # Outside the layers: RoPE's cos/sin tables and the final norm's input (plus the embeddings' output when trained).
+    outside = tokens * (2 * head_dim + (d if lora_rank is not None else 2 * d)) * bytes_per_element
+    layer_inputs = layers * tokens * d * bytes_per_element + outside
+    return ActivationEstimate(
+        rows=rows, row_length=row_length, layers=layers, stored_bytes=layers * per_layer + outside,
+        layer_input_bytes=layer_inputs, checkpointed_bytes=layer_inputs + per_layer,
+    )
+
+
+def default_memory_budget_bytes(device: torch.device | str = "cpu", fraction: float = DEFAULT_BUDGET_FRACTION) -> int:
+    """`fraction` of the memory free now: the GPU's free memory on CUDA, the available RAM (psutil) otherwise."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(fraction * free)
+    return int(fraction * psutil.virtual_memory().available)
+
+
+def plan_gradient_checkpointing(
+    setting: bool | str, estimate: ActivationEstimate, *, budget_bytes: int | None
+) -> MemoryPlan:
+    """True/False as configured; `auto`: on exactly when the stored activations exceed `budget_bytes`."""
+    stored_gb = estimate.stored_bytes / _GB
+    if setting != "auto":
+        return MemoryPlan(setting, bool(setting), estimate, None, f"training.gradient_checkpointing: {str(setting).lower()}")
+    if budget_bytes is None:
+        raise ValueError("gradient_checkpointing: auto needs a memory budget")
+    needed = estimate.stored_bytes > budget_bytes
+    comparison = ">" if needed else "<="
+    reason = (
+        f"auto: stored activations of the largest micro-batch ≈ {stored_gb:.2f} GB {comparison} budget "
+        f"{budget_bytes / _GB:.2f} GB, so checkpointing is {'on' if needed else 'off'}"
+    )
+    return MemoryPlan(setting, needed, estimate, budget_bytes, reason)

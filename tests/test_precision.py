@@ -1,0 +1,115 @@
+"""bf16 frozen base (`model.dtype`): what is stored low, what stays fp32, and how close it computes to fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from preftune.config import validate_config
+from preftune.data.collate import collate_pairs
+from preftune.errors import ConfigError
+from preftune.logprobs import sequence_logps
+from preftune.logprobs.cache import open_reference_cache
+from preftune.model.lora import apply_lora
+from preftune.model.precision import bf16_matmul_supported, cpu_flags, resolve_base_dtype, store_frozen_linears
+from preftune.run import build_trainer
+from tests.support import save_tiny_model, tiny_run_config
+
+LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+# Tiny random model, 96-token rows: per-sequence log-prob sums of about -200 agree to this (measured 4e-3).
+LOGP_ATOL = 0.05
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+def test_cpu_flags_are_read_from_the_flags_line(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\nbugs\t: none\n", encoding="utf-8")
+    assert cpu_flags(cpuinfo) == {"fpu", "avx512f", "avx512_bf16"}
+    assert cpu_flags(tmp_path / "absent") == set()
+
+
+def test_auto_picks_bf16_only_with_lora_on_bf16_hardware_and_full_fine_tunes_refuse_low_precision():
+    assert resolve_base_dtype("auto", lora=True) == ("bfloat16" if bf16_matmul_supported() else "float32")
+    assert resolve_base_dtype("auto", lora=False) == "float32"
+    assert resolve_base_dtype("float32", lora=True) == "float32"
+    with pytest.raises(ConfigError, match="no fp32 master copy"):
+        resolve_base_dtype("bfloat16", lora=False)
+    with pytest.raises(ConfigError, match="model"):
+        validate_config({"model": {"dtype": "bfloat16", "lora": None}})
+    assert validate_config({}).model.dtype == "auto"
+
+
+def _trainer(tmp_path, model_dir, dtype: str, name: str):
+    config = tiny_run_config(
+        tmp_path / name, model_dir, model={"name_or_path": str(model_dir), "dtype": dtype, "lora": LORA},
+        training={"max_steps": 2, "eval_steps": 2, "reference_cache": False},
+    )
+    return build_trainer(config)
+
+
+def test_bf16_base_trains_with_fp32_adapters_and_optimiser_and_log_probs_near_fp32(tmp_path, model_dir):
+    fp32 = _trainer(tmp_path, model_dir, "float32", "fp32")
+    bf16 = _trainer(tmp_path, model_dir, "bfloat16", "bf16")
+    dtypes = {name: p.dtype for name, p in bf16.policy.named_parameters()}
+    assert {dtypes[n] for n in dtypes if "lora_" in n} == {torch.float32}
+    assert {dtypes[n] for n in dtypes if "_proj.base_layer" in n or ("mlp" in n and "lora_" not in n)} == {torch.bfloat16}
+    assert dtypes["base_model.model.lm_head.weight"] == dtypes["base_model.model.model.embed_tokens.weight"] == torch.float32
+    assert bf16.identity["precision"]["base_dtype"] == "bfloat16"
+
+    batch = collate_pairs(fp32.data.train[:4], pad_id=fp32.pad_id)
+    with torch.no_grad():
+        reference32, reference16 = fp32.reference.logps(batch).sum, bf16.reference.logps(batch).sum
+    assert reference16.dtype == torch.float32
+    torch.testing.assert_close(reference16, reference32, rtol=0, atol=LOGP_ATOL)
+    assert not torch.equal(reference16, reference32)  # the base really computed in bf16
+
+    frozen_before = {n: p.clone() for n, p in bf16.policy.named_parameters() if not p.requires_grad}
+    result = bf16.train()
+    assert result.state.global_step == 2 and all(torch.isfinite(p).all() for p in bf16.trainable)
+    states = [state for state in bf16.optimizer.state.values()]
+    assert states and {t.dtype for s in states for k, t in s.items() if k != "step"} == {torch.float32}
+    assert all(torch.equal(p, frozen_before[n]) for n, p in bf16.policy.named_parameters() if not p.requires_grad)
+
+
+def test_the_fp32_path_is_the_plain_fp32_model_bit_for_bit(tmp_path, model_dir):
+    trainer = _trainer(tmp_path, model_dir, "float32", "fp32")
+    assert {p.dtype for p in trainer.policy.parameters()} == {torch.float32}
+    torch.manual_seed(trainer.config.training.seed)
+    plain = apply_lora(AutoModelForCausalLM.from_pretrained(model_dir), r=4, alpha=8, dropout=0.0, target_modules=LORA["target_modules"])
+    batch = collate_pairs(trainer.data.train[:4], pad_id=trainer.pad_id)
+    ours, theirs = sequence_logps(trainer.policy, batch).sum, sequence_logps(plain, batch).sum
+    assert torch.equal(ours, theirs)
+    ours.sum().backward()
+    theirs.sum().backward()
+    ours_grads = [p.grad for p in trainer.policy.parameters() if p.requires_grad]
+    theirs_grads = [p.grad for p in plain.parameters() if p.requires_grad]
+    assert len(ours_grads) == len(theirs_grads) > 0 and all(torch.equal(a, b) for a, b in zip(ours_grads, theirs_grads))
+
+
+def test_a_bf16_base_linear_takes_fp32_input_and_returns_fp32(model_dir):
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    reference = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert store_frozen_linears(model, "bfloat16") == 2 * 7  # q, k, v, o, gate, up, down per layer
+    linear = model.model.layers[0].mlp.up_proj
+    x = torch.randn(3, linear.in_features, requires_grad=True)
+    y = linear(x)
+    assert y.dtype == torch.float32 and linear.weight.dtype == torch.bfloat16
+    expected = reference.model.layers[0].mlp.up_proj(x)
+    assert (y - expected).norm() / expected.norm() < 2e-2  # bf16 rounding of inputs and weights
+    y.sum().backward()
+    assert x.grad.dtype == torch.float32
+
+
+def test_bf16_and_fp32_bases_never_share_reference_cache_entries(tmp_path, model_dir):
+    fp32 = AutoModelForCausalLM.from_pretrained(model_dir)
+    bf16 = AutoModelForCausalLM.from_pretrained(model_dir)
+    store_frozen_linears(bf16, "bfloat16")
+    key32 = open_reference_cache(fp32, root=tmp_path).key
+    key16 = open_reference_cache(bf16, root=tmp_path).key
+    assert key32 != key16
+    assert open_reference_cache(AutoModelForCausalLM.from_pretrained(model_dir), root=tmp_path).key == key32
