@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from accelerate import PartialState
 from accelerate.utils import set_seed
@@ -14,6 +16,7 @@ from preftune.eval.html_report import build_report
 from preftune.methods import DataShape
 from preftune.model.loading import load_model, load_tokenizer
 from preftune.model.lora import apply_lora
+from preftune.train.run_dir import check_output_dir
 from preftune.train.setup import assemble
 from preftune.train.trainer import Trainer, TrainResult
 
@@ -21,13 +24,18 @@ from preftune.train.trainer import Trainer, TrainResult
 def build_trainer(config: RunConfig, *, console: Console | None = None) -> Trainer:
     """Load tokenizer, data and model as the config says, and wire them into a Trainer."""
     console = console or Console(stderr=True)
+    # Before anything slow: an output_dir that cannot be written would otherwise fail after the model and data load.
+    check_output_dir(Path(config.output_dir))
     settings = config.model
     tokenizer = load_tokenizer(settings.name_or_path, trust_remote_code=settings.trust_remote_code)
     paired = config.method_spec.data_shape is DataShape.PAIRED
     data = prepare_examples(config.data, tokenizer, seed=config.training.seed, paired=paired)
     if PartialState(cpu=not torch.cuda.is_available()).is_main_process:
         console.print(escape(data.summary()))
-    model = load_model(settings.name_or_path, dtype=settings.dtype, trust_remote_code=settings.trust_remote_code)
+    model = load_model(
+        settings.name_or_path, dtype=settings.dtype, trust_remote_code=settings.trust_remote_code,
+        allow_pickle=settings.allow_pickle,
+    )
     if settings.lora is not None:
         lora = settings.lora
         # The adapter's random init must be the same in every process and every run of this config.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,28 @@ def check_resumable(identity: dict[str, Any], saved: dict[str, Any] | None, chec
             f"checkpoint {checkpoint} belongs to another run ({'; '.join(differences)}): the config or the data changed. "
             "Resume with the config and data it was written with, or start a new run in another output_dir "
             "(or overwrite_output_dir: true to replace it)"
+        )
+
+
+def check_output_dir(run_dir: Path) -> None:
+    """Refuse an `output_dir` that cannot become a writable folder, without creating anything.
+
+    Called before the model and data load, so an unwritable path costs seconds, not the load: the
+    folder itself if it exists, else its nearest existing ancestor, must be a folder this process
+    may create entries in (`claim` still tries a real write later, which catches what `os.access`
+    cannot see, such as a read-only mount).
+    """
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "" if existing == run_dir else f" (its parent {existing} is a file)"
+        raise PreftuneError(f"output_dir {run_dir} cannot be a folder{where}: pick another output_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == run_dir else f" (its nearest existing parent {existing} is not writable)"
+        raise PreftuneError(
+            f"cannot write into output_dir {run_dir}: permission denied{where}. Pick a folder you can write to, "
+            "or fix its permissions"
         )
 
 
