@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from accelerate import PartialState
 from accelerate.utils import set_seed
@@ -24,8 +22,8 @@ from preftune.train.trainer import Trainer, TrainResult
 def build_trainer(config: RunConfig, *, console: Console | None = None) -> Trainer:
     """Load tokenizer, data and model as the config says, and wire them into a Trainer."""
     console = console or Console(stderr=True)
-    # Before anything slow: an output_dir that cannot be written would otherwise fail after the model and data load.
-    check_output_dir(Path(config.output_dir))
+    # Before anything slow: an output_dir that cannot be used would otherwise fail after the model and data load.
+    check_output_dir(config)
     settings = config.model
     tokenizer = load_tokenizer(settings.name_or_path, trust_remote_code=settings.trust_remote_code)
     paired = config.method_spec.data_shape is DataShape.PAIRED

@@ -68,6 +68,17 @@ def test_an_output_dir_under_a_file_is_refused_before_the_model_loads(tmp_path, 
     assert blocker.read_text() == "not a folder"
 
 
+def test_a_folder_of_the_users_files_is_refused_before_the_model_loads(tmp_path, config_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    args = ["train", "--config", str(config_path), "--set", f"output_dir={mine}", "--set", "model.name_or_path=/nonexistent/model"]
+    assert main(args) == 2
+    err = _one_error_line(capsys)
+    assert "is not a preftune run (it holds notes.txt)" in err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders, so chmod cannot make one unwritable")
 def test_a_read_only_parent_is_refused_before_the_model_loads(tmp_path, config_path, capsys):
     parent = tmp_path / "read_only"
