@@ -11,7 +11,7 @@ import warnings
 from rich.console import Console
 from rich.markup import escape
 
-from preftune.errors import PreftuneError, TrainingInterrupted
+from preftune.errors import ConfigError, PreftuneError, TrainingInterrupted
 
 DESCRIPTION = """\
 preftune aligns a causal language model with preference data (prompt + chosen + rejected answers).
@@ -23,6 +23,8 @@ Quick start:
   preftune sweep --config run.yaml --param beta --values 0.05,0.1,0.3,0.5
   preftune convert --to kto pairs.jsonl kto.jsonl   # paired data → unpaired {prompt, completion, label}
   preftune constitute --prompts prompts.jsonl --model DIR --output pairs.jsonl   # Constitutional-AI pairs
+  preftune audit pairs.jsonl             # duplicates, lengths, length bias ("longer is better?")
+  preftune recommend --data pairs.jsonl --output recommended.yaml   # which method, from the data and the reference
 
 A run folder holds config.yaml, metrics.jsonl, alerts.jsonl, tensorboard/, checkpoints/,
 final/adapter, final/merged and summary.md.
@@ -31,6 +33,8 @@ Name clash: `loss_type: cpo` (alias constrained_dpo) is CONSTRAINED DPO, a margi
 enforced by a Lagrange multiplier (docs/CPO.md). TRL's CPO (Contrastive Preference Optimization,
 Xu et al. 2024) is `loss_type: contrastive_cpo`.
 """
+# The formats `audit` and `recommend` read: every paired and unpaired one (preftune/data/formats.py).
+AUDITED_FORMATS = ("pairs", "chat", "hh_rlhf", "sharegpt", "kto", "sharegpt_kto")
 
 
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,6 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--output", help="also write the table as JSON here (put it in a run folder as probes.json for the report)")
     probe.add_argument("--max-length", type=int, default=512, help="prompt + answer tokens per sequence")
 
+    evaluate = commands.add_parser(
+        "eval", help="preference accuracy and margins of any local model (and reference) on a preference file, as a run folder"
+    )
+    evaluate.add_argument("--model", required=True, help="a model folder (final/merged, a TRL output), a LoRA adapter folder, or an embedded model")
+    evaluate.add_argument("--reference", help="the reference model folder (default: the adapter-disabled view of an adapter; else none)")
+    evaluate.add_argument("--data", required=True, help="a preference file (any format `preftune train` reads) or 'name:split'")
+    evaluate.add_argument("--output-dir", required=True, help="the run folder to write (metrics, evaluations/, report.html)")
+    evaluate.add_argument("--beta", type=float, default=0.1, help="β of the implicit-reward margins (with a reference)")
+    evaluate.add_argument("--format", default="auto", help="data format (default: detected)")
+    evaluate.add_argument("--max-length", type=int, default=512, help="prompt + answer tokens per sequence")
+    evaluate.add_argument("--max-samples", type=int, help="evaluate only the first N pairs")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an existing run folder's preftune files")
+
     report = commands.add_parser("report", help="rebuild summary.md, plots/ and report.html of a run folder from its files")
     report.add_argument("run_dir", help="a run folder (holds config.yaml, metrics.jsonl, evaluations/)")
 
@@ -97,6 +114,23 @@ def build_parser() -> argparse.ArgumentParser:
     constitute.add_argument("--seed", type=int, default=0, help="seeds the principle drawn and the sampling, per prompt")
     constitute.add_argument("--max-new-tokens", type=int, default=256, help="per answer, critique and revision")
     constitute.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy")
+
+    audit = commands.add_parser("audit", help="audit preference files: duplicates, lengths, format, length bias")
+    audit.add_argument("files", nargs="+", metavar="FILE", help="JSONL/JSON/Parquet files or embedded datasets 'name:split'")
+    audit.add_argument("--tokenizer", help="model name or folder: lengths in its tokens (default: characters)")
+    audit.add_argument("--format", default="auto", choices=["auto", *AUDITED_FORMATS], help="input format")
+    audit.add_argument("--json", metavar="OUT", help="also write the audits as JSON ({file: audit})")
+
+    recommend = commands.add_parser(
+        "recommend", help="measure the data and the reference model's preference accuracy; recommend a method and config"
+    )
+    recommend.add_argument("--data", action="append", required=True, metavar="FILE", help="human (or unlabelled) data (repeatable)")
+    recommend.add_argument("--synthetic", action="append", default=[], metavar="FILE", help="synthetic data (repeatable)")
+    recommend.add_argument("--model", default="smollm2-135m", help="reference model: embedded name or local folder")
+    recommend.add_argument("--sample", type=int, default=200, help="pairs the reference accuracy is measured on")
+    recommend.add_argument("--max-length", type=int, default=512, help="prompt + answer tokens per measured sequence")
+    recommend.add_argument("--format", default="auto", choices=["auto", *AUDITED_FORMATS], help="input format")
+    recommend.add_argument("--output", metavar="YAML", help="write a ready-to-run config for the recommendation")
     return parser
 
 
@@ -198,10 +232,23 @@ def main(argv: list[str] | None = None) -> int:
             written, report = convert_to_kto(resolve_data_path(args.input), args.output, format=args.format, tokenizer=tokenizer)
             console.print(report.summary())
             console.print(f"wrote {written} KTO records to {args.output}")
+        elif args.command == "audit":
+            _audit(args)
+        elif args.command == "recommend":
+            _recommend(args, console)
         elif args.command == "probe":
             _probe(args, console)
         elif args.command == "constitute":
             _constitute(args, console)
+        elif args.command == "eval":
+            from preftune.evaluate import evaluate_model
+
+            paths = evaluate_model(
+                args.model, data=args.data, output_dir=args.output_dir, reference=args.reference, beta=args.beta,
+                data_format=args.format, max_length=args.max_length, max_samples=args.max_samples, overwrite=args.overwrite,
+                console=console,
+            )
+            console.print(f"[bold green]evaluated[/]: {escape(str(paths.html))}")
         elif args.command == "report":
             from preftune.eval.html_report import build_report
 
@@ -221,6 +268,51 @@ def main(argv: list[str] | None = None) -> int:
         # Messages hold paths and reason tags in brackets: print them as text, never as Rich markup.
         console.print(f"[bold red]error:[/] {escape(str(error))}")
         return 130 if isinstance(error, TrainingInterrupted) else 2
+
+
+def _audit(args) -> None:
+    from preftune.atomic import atomic_write_json
+    from preftune.data.audit import audit_records
+    from preftune.data.formats import PAIRED, UNPAIRED, load_examples
+    from preftune.data.pipeline import resolve_data_path
+
+    tokenizer = None
+    if args.tokenizer:
+        from preftune.model.loading import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer)
+    audits = {}
+    for spec in args.files:
+        records, report = load_examples(resolve_data_path(spec), format=args.format, tokenizer=tokenizer, accept=(PAIRED, UNPAIRED))
+        audits[spec] = audit_records(records, tokenizer)
+        print(f"== {spec}\n{report.summary()}\n{audits[spec].summary()}")
+    if args.json:
+        atomic_write_json(args.json, {spec: audit.to_dict() for spec, audit in audits.items()})
+
+
+def _recommend(args, console) -> None:
+    from preftune.data.pipeline import resolve_data_path
+    from preftune.eval.recommend import data_kind, decide, measure_traits, write_recommended_config
+    from preftune.model.loading import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(args.model)  # lengths in its tokens; its chat template renders chat data
+    # The reference model is only needed (and only loaded) to measure its accuracy on pairs.
+    model = load_model(args.model) if data_kind(resolve_data_path(args.data[0]), args.format) == "paired" else None
+    measurement = measure_traits(
+        args.data, synthetic_files=args.synthetic, model=model, tokenizer=tokenizer,
+        sample=args.sample, format=args.format, max_length=args.max_length,
+    )
+    if measurement.audit is not None:
+        print(measurement.audit.summary())
+    recommendation = decide(measurement.traits)
+    print(recommendation.summary())
+    if args.output:
+        if len(args.data) > 1:
+            raise ConfigError("--output writes one training file (plus --synthetic sources): give one --data file")
+        write_recommended_config(
+            recommendation, args.output, data_file=args.data[0], synthetic_files=args.synthetic, model_name_or_path=args.model
+        )
+        console.print(f"wrote {args.output}: preftune train --config {args.output}")
 
 
 if __name__ == "__main__":

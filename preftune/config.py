@@ -49,8 +49,18 @@ class ModelSettings(_Section):
     )
 
 
+class SourceSpec(_Section):
+    """One training file of a human/synthetic mix (`data.sources`); see preftune/data/mixing.py."""
+
+    path: str = Field(description="a JSONL/JSON/Parquet file of pairs, or an embedded dataset 'name:split'")
+    source: Literal["human", "synthetic"] = Field(description="provenance: written/labelled by people, or generated")
+    weight: float = Field(1.0, gt=0.0, le=1.0, description="fraction of this file to use (seeded subsample); 1 = all of it")
+
+
 class DataSettings(_Section):
-    train_file: str = Field("hh-rlhf-harmless:train", description="a JSONL/JSON/Parquet file, or an embedded dataset 'name:split'")
+    train_file: str | None = Field(
+        "hh-rlhf-harmless:train", description="a JSONL/JSON/Parquet file, or an embedded dataset 'name:split'; null with data.sources"
+    )
     validation_file: str | None = Field(
         "hh-rlhf-harmless:validation", description="null = hold out `validation_split` of the train file"
     )
@@ -69,6 +79,46 @@ class DataSettings(_Section):
     max_validation_samples: int | None = Field(None, ge=1)
     max_length: int = Field(512, ge=8, description="prompt + answer tokens per sequence")
     max_prompt_length: int | None = Field(None, ge=1, description="default: max_length // 2")
+    # Evidence about the data (preftune/data/audit.py, preftune/data/mixing.py, docs/EVIDENCE.md).
+    length_balance: bool = Field(
+        False, description="subsample training pairs so the chosen answer is longer exactly as often as it is shorter"
+    )
+    sources: list[SourceSpec] | None = Field(
+        None, description="training files tagged human/synthetic, mixed in place of train_file (validation_file or split as usual)"
+    )
+    human_ratio: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="floor on the human share of the training pairs (data.sources, or the records' own provenance); "
+        "synthetic pairs are subsampled to meet it. On records without provenance: not applied, with a warning",
+    )
+    kl_divergence_threshold: float = Field(
+        0.15, gt=0.0, description="warn when KL(synthetic ‖ human) of the per-pair length difference exceeds this"
+    )
+    filter_synthetic_outliers: bool = Field(
+        False, description="drop synthetic pairs whose length difference is outside the human 5th–95th percentile range"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_default_train_file_with_sources(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("sources") is not None and "train_file" not in data:
+            return {**data, "train_file": None}
+        return data
+
+    @model_validator(mode="after")
+    def _sources_replace_train_file(self) -> DataSettings:
+        if self.sources is not None:
+            if not self.sources:
+                raise ValueError("data.sources needs at least one {path, source: human|synthetic, weight} entry")
+            if self.train_file is not None:
+                raise ValueError("give either data.train_file or data.sources (the sources are the training files), not both")
+        elif self.train_file is None:
+            raise ValueError("data.train_file is required unless data.sources lists the training files")
+        # human_ratio / filter_synthetic_outliers with a train_file act on the provenance its records carry;
+        # on records without one they are a no-op the run's data summary warns about (preftune/data/pipeline.py).
+        return self
 
 
 class TrainingSettings(_Section):
@@ -114,12 +164,13 @@ class MonitoringSettings(AlertSettings):
     alerts: bool = Field(True, description="run the alert rules after every evaluation; alerts go to alerts.jsonl")
 
 
-class NotYetAppliedSettings(_Section):
-    """Keys of the design template (`preference_training:`) that preftune validates and records, but does not act on yet."""
+class ProbeSettings(_Section):
+    """Probes scored under the reference and the trained policy at the end of training (probes.json, in the report)."""
 
-    synthetic_ratio: float | None = Field(None, ge=0.0, le=1.0)
-    human_ratio: float | None = Field(None, ge=0.0, le=1.0)
-    kl_divergence_threshold: float | None = Field(None, gt=0.0)
+    file: str | None = Field(
+        None, description="a JSONL of probes {prompt, chosen (safe), rejected (unsafe), id?, split?}; null = the shipped harmlessness probes"
+    )
+    max_length: int = Field(512, ge=8, description="prompt + answer tokens per probe sequence")
 
 
 class RunConfig(_Section):
@@ -135,9 +186,7 @@ class RunConfig(_Section):
     )
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
-    not_yet_applied: NotYetAppliedSettings | None = Field(
-        None, description="recorded from the design template, NOT acted on by this version of preftune"
-    )
+    probes: ProbeSettings | None = Field(None, description="score probes before/after training; null = off")
 
     @field_validator("method", mode="before")
     @classmethod

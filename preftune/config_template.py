@@ -1,7 +1,7 @@
 """The design's `preference_training:` template, translated into preftune's own config sections.
 
 A file whose top level holds `preference_training:` is rewritten into `model` / `data` / `method` /
-`training` / `monitoring` / `not_yet_applied` before validation; `load_config` logs what went where.
+`training` / `monitoring` before validation; `load_config` logs what went where.
 Every template key is checked here; every problem of a file is reported in one `ConfigError`
 (not one per run), naming each key, so a typo cannot be dropped silently. Keys of preftune's own sections may also be used inside the template
 section they belong to (e.g. `data.train_file`, `optimization.max_steps`, `constraints.mode`).
@@ -54,8 +54,10 @@ RENAMES: dict[str, dict[str, str]] = {
     },
     "data": {"max_sequence_length": "data.max_length"},
 }
-# Template keys preftune validates and records under `not_yet_applied`, but does not act on.
-NOT_YET_APPLIED = {"data": ("synthetic_ratio", "human_ratio", "kl_divergence_threshold")}
+# `data.human_ratio` and `data.kl_divergence_threshold` pass through to preftune's data section under
+# their own names. `data.synthetic_ratio` is the same fact seen from the other side: human_ratio = 1 − it.
+SYNTHETIC_RATIO = "synthetic_ratio"
+RATIO_TOLERANCE = 1e-9
 # Template sections that also take the keys of a preftune section under their own names.
 PASS_THROUGH = {"model": "model", "optimization": "training", "data": "data", "constraints": "method.constraints"}
 # Keys about the reference model: preftune builds it itself (LoRA: adapters disabled; full fine-tune: a frozen copy).
@@ -86,10 +88,6 @@ def translate_template(
     translated: dict[str, Any] = {}
     notes: list[str] = []
     warnings: list[str] = []
-
-    def put(path: str, value: Any, origin: str) -> None:
-        _set_path(translated, path, value, origin=f"{where}.{origin}")
-        notes.append(f"{TEMPLATE_KEY}.{origin} → {path} = {json.dumps(value, default=str)}")
 
     problems: list[str] = []
 
@@ -146,12 +144,14 @@ def translate_template(
                         "data.train_file (and data.validation_file), or for a human/synthetic mix as "
                         "data.sources: [{path: human.jsonl, source: human}, {path: synthetic.jsonl, source: synthetic}]"
                     )
-            elif key in NOT_YET_APPLIED.get(section, ()):
-                put(f"not_yet_applied.{key}", value, origin)
-                warnings.append(
-                    f"{TEMPLATE_KEY}.{origin} = {value!r} is recorded under not_yet_applied.{key} but NOT applied: "
-                    "this version of preftune does not mix synthetic/human data or enforce a KL threshold"
-                )
+            elif section == "data" and key == SYNTHETIC_RATIO:
+                problem = _synthetic_ratio(value, values.get("human_ratio"), here)
+                if problem:
+                    problems.append(problem)
+                elif "human_ratio" in values:
+                    notes.append(f"{TEMPLATE_KEY}.{origin} = {value!r}: consistent with human_ratio = 1 − synthetic_ratio")
+                else:
+                    put("data.human_ratio", round(1.0 - value, 12), origin)
             elif (section == "constraints" or RENAMES.get(section, {}).get(key, "").startswith("method.constraints")) and not constrained:
                 warnings.append(
                     f"{TEMPLATE_KEY}.{origin} ignored: constraints apply only to optimization.method cpo (constrained DPO)"
@@ -163,16 +163,21 @@ def translate_template(
             else:
                 special = {
                     "model": REFERENCE_KEYS, "constraints": ("enforce_positive_margin", "multiplier_clamp_min"),
-                    "monitoring": (*ALWAYS_ON["monitoring"], "divergence_alert"), "data": ("preference_source",),
+                    "monitoring": (*ALWAYS_ON["monitoring"], "divergence_alert"), "data": ("preference_source", SYNTHETIC_RATIO),
                 }.get(section, ())
-                known = sorted({*RENAMES.get(section, {}), *NOT_YET_APPLIED.get(section, ()), *special,
-                                *_pass_through_keys(section, schemas)})
+                known = sorted({*RENAMES.get(section, {}), *special, *_pass_through_keys(section, schemas)})
                 problems.append(f"{here}: unknown key; {section} takes: {', '.join(known)}")
     if _enforces_margin(template) and "loss_type" not in translated.get("method", {}):
         translated.setdefault("method", {})["loss_type"] = CONSTRAINED_METHOD
     elif _enforces_margin(template) and not constrained:
         problems.append(f"{where}.constraints.enforce_positive_margin: true asks for constrained DPO, but optimization.method is "
                         f"{translated['method']['loss_type']!r}: set it to cpo or remove it")
+    if "human_ratio" in translated.get("data", {}) and not _names_sources(template, raw):
+        warnings.append(
+            f"data.human_ratio {translated['data']['human_ratio']!r} is a floor on the human share: it acts on data.sources "
+            "(files tagged source: human|synthetic) or on records that carry provenance: human|synthetic; on records "
+            "without provenance it is not applied, and the run's data summary says so"
+        )
     if not _names_data(template, raw):
         notes.append(
             "the template names no data file: training on the embedded hh-rlhf-harmless pairs; set data.train_file "
@@ -214,6 +219,23 @@ def _method_is_constrained(template: dict[str, Any]) -> bool:
 def _names_data(template: dict[str, Any], raw: dict[str, Any]) -> bool:
     sections = [template.get("data"), raw.get("data")]
     return any(isinstance(s, dict) and ("train_file" in s or "sources" in s) for s in sections)
+
+
+def _synthetic_ratio(value: Any, human_ratio: Any, where: str) -> str | None:
+    """The problem with `data.synthetic_ratio`, or None: a share in [0, 1] that, beside human_ratio, adds up to 1 with it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        return f"{where}: {value!r}: expected the synthetic share of the data, a number from 0 to 1"
+    if isinstance(human_ratio, (int, float)) and not isinstance(human_ratio, bool) and abs(value + human_ratio - 1.0) > RATIO_TOLERANCE:
+        return (
+            f"{where}: {value!r} and human_ratio {human_ratio!r} do not add up to 1: human_ratio = 1 − synthetic_ratio; "
+            "keep one of them"
+        )
+    return None
+
+
+def _names_sources(template: dict[str, Any], raw: dict[str, Any]) -> bool:
+    sections = [template.get("data"), raw.get("data")]
+    return any(isinstance(s, dict) and "sources" in s for s in sections)
 
 
 def _check_reference(key: str, value: Any, where: str, *, policy: Any) -> str | None:

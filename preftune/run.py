@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from accelerate import PartialState
 from accelerate.utils import set_seed
@@ -11,9 +13,10 @@ from rich.markup import escape
 from preftune.config import RunConfig
 from preftune.data.pipeline import prepare_examples
 from preftune.eval.html_report import build_report
+from preftune.eval.probes import PROBES_FILE, SHIPPED_PROBES, run_probes
 from preftune.methods import DataShape
 from preftune.model.loading import load_model, load_tokenizer
-from preftune.model.lora import apply_lora
+from preftune.model.lora import apply_lora, is_lora
 from preftune.train.run_dir import check_output_dir
 from preftune.train.setup import assemble
 from preftune.train.trainer import Trainer, TrainResult
@@ -43,11 +46,25 @@ def build_trainer(config: RunConfig, *, console: Console | None = None) -> Train
     return Trainer(config, parts, tokenizer=tokenizer, data=data, console=console)
 
 
+def write_probes(trainer: Trainer) -> Path:
+    """Score the configured probes under the reference and the trained policy into the run folder's probes.json."""
+    settings = trainer.config.probes
+    reference = trainer.reference.model if trainer.reference is not None and not is_lora(trainer.policy) else None
+    table = run_probes(
+        trainer.policy, trainer.tokenizer, reference=reference, path=settings.file or SHIPPED_PROBES,
+        max_length=settings.max_length, model_name=trainer.config.model.name_or_path,
+    )
+    trainer.console.print(escape(table.markdown()))
+    return table.write(trainer.run_dir / PROBES_FILE)
+
+
 def train(config: RunConfig, *, console: Console | None = None) -> TrainResult:
     """Train, export and report; the run folder is `config.output_dir`."""
     trainer = build_trainer(config, console=console)
     result = trainer.train()
     if trainer.accelerator.is_main_process:
+        if config.probes is not None:
+            write_probes(trainer)
         report = build_report(result.run_dir)
         trainer.console.print(escape(report.summary.read_text(encoding="utf-8")))
         trainer.console.print(f"\n[bold green]done[/]: {escape(str(report.html))}")

@@ -41,6 +41,7 @@ from preftune.atomic import atomic_write_text
 CONFIG = "config.yaml"
 IDENTITY = "run.json"
 DATA_REPORT = "data_report.txt"
+DATA_AUDIT = "data_audit.json"
 METRICS = "metrics.jsonl"
 ALERTS = "alerts.jsonl"
 EVALUATIONS = "evaluations"

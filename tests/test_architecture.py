@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("config", "config_template", "config_checks"),
     ("train",),
     ("eval",),
-    ("run", "sweep", "cli", "__main__"),
+    ("run", "sweep", "evaluate", "cli", "__main__"),
 ]
 # The package's own __init__ is its public facade: it re-exports from the top layer.
 FACADE = "preftune"

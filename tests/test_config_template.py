@@ -12,6 +12,7 @@ import pytest
 from preftune.cli import main
 from preftune.config import load_config
 from preftune.errors import ConfigError
+from preftune.runfolder import DATA_AUDIT, DATA_REPORT
 from tests.support import save_tiny_model
 
 TEMPLATE = """\
@@ -45,13 +46,24 @@ def test_the_template_as_written_loads_and_maps_every_key(tmp_path, caplog):
     assert (constraints.violation_alert, constraints.patience) == (0.05, 3)
     assert config.monitoring.alert_negative_margin_ratio == 0.15
     assert (config.data.max_validation_samples, config.data.max_length) == (500, 2048)
-    recorded = config.not_yet_applied
-    assert (recorded.synthetic_ratio, recorded.human_ratio, recorded.kl_divergence_threshold) == (0.7, 0.3, 0.15)
+    assert (config.data.human_ratio, config.data.kl_divergence_threshold) == (0.3, 0.15)
+    assert "not_yet_applied" not in type(config).model_fields
     log = caplog.text
     assert "preference_training.optimization.batch_size → training.per_device_train_batch_size" in log
     assert "preference_training.monitoring.validation_size → data.max_validation_samples" in log
-    for key in ("synthetic_ratio", "human_ratio", "kl_divergence_threshold"):
-        assert f"not_yet_applied.{key} but NOT applied" in log
+    assert "preference_training.data.human_ratio → data.human_ratio = 0.3" in log
+    assert "preference_training.data.kl_divergence_threshold → data.kl_divergence_threshold = 0.15" in log
+    assert "preference_training.data.synthetic_ratio = 0.7: consistent with human_ratio = 1 − synthetic_ratio" in log
+    assert "it acts on data.sources" in log  # the floor has no files tagged human/synthetic here
+
+
+def test_synthetic_ratio_alone_sets_human_ratio_and_must_agree_with_it(tmp_path):
+    alone = load_config(_write(tmp_path, TEMPLATE.replace("human_ratio: 0.3, ", "")))
+    assert alone.data.human_ratio == 0.3  # 1 − 0.7, without the float's 0.30000000000000004
+    with pytest.raises(ConfigError, match=r"synthetic_ratio: 0.6 and human_ratio 0.3 do not add up to 1"):
+        load_config(_write(tmp_path, TEMPLATE.replace("synthetic_ratio: 0.7", "synthetic_ratio: 0.6")))
+    with pytest.raises(ConfigError, match=r"synthetic_ratio: 1.5: expected the synthetic share"):
+        load_config(_write(tmp_path, TEMPLATE.replace("synthetic_ratio: 0.7, human_ratio: 0.3", "synthetic_ratio: 1.5")))
 
 
 @pytest.mark.parametrize(
@@ -187,4 +199,12 @@ def test_the_design_template_trains_as_written_with_only_paths_changed(tmp_path,
     assert main(["train", "--config", str(_write(tmp_path, text))]) == 0
     run = tmp_path / "runs" / "preftune"
     assert "loss_type: cpo" in (run / "config.yaml").read_text()
+    assert "human_ratio: 0.3" in (run / "config.yaml").read_text()
     assert json.loads((run / "final" / "lagrangian_state.json").read_text())["history"]
+    # hh-rlhf records carry no provenance: the floor is a no-op the run's data summary says
+    summary = (run / DATA_REPORT).read_text(encoding="utf-8")
+    assert "data warning: data.human_ratio 0.3 NOT applied" in summary
+    evidence = json.loads((run / DATA_AUDIT).read_text(encoding="utf-8"))  # the report's Data audit section reads it
+    kept = int(re.search(r"train\.jsonl \(hh_rlhf\): read 12, kept (\d+)", summary).group(1))
+    assert evidence["audit"]["kind"] == "paired" and evidence["audit"]["count"] == kept  # the training split as trained
+    assert [w.split(":")[0] for w in evidence["warnings"]] == ["data.human_ratio 0.3 NOT applied"]

@@ -193,3 +193,15 @@ def test_sustained_validation_violation_lowers_the_learning_rate_by_the_configur
     alerts = [a for a in read_metrics(tmp_path / "run" / "alerts.jsonl") if a["kind"] == "constraint_violation_lr"]
     assert [(a["step"], a["kind"]) for a in alerts] == [(1, "constraint_violation_lr"), (2, "constraint_violation_lr")]
     assert "learning rate lowered by 20%" in alerts[0]["message"]
+
+
+def test_a_constraint_swallowed_by_the_slack_is_said_aloud(tmp_path, model_dir):
+    trainer = _cpo_trainer(
+        tmp_path, model_dir, constraints={"margin_threshold": 0.001, "constraint_slack": 1.0, "lagrangian_lr": 0.01},
+        training={"max_steps": 2, "eval_steps": 1},
+    )
+    result = trainer.train()
+    assert all(entry["lambda"] == 0.0 for entry in _controller(trainer).history)
+    alerts = [a for a in read_metrics(tmp_path / "run" / "alerts.jsonl") if a["kind"] == "constraint_inactive"]
+    assert len(alerts) == 1 and "trained as plain DPO" in alerts[0]["message"]
+    assert "the constraint never acted" in build_report(result.run_dir).summary.read_text()

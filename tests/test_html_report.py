@@ -133,4 +133,4 @@ def test_the_report_judges_alerts_with_the_runs_own_thresholds(tmp_path):
     assert (settings.alert_negative_margin_ratio, settings.alert_constraint_violation_ratio) == (0.4, 0.05)
     summary = build_report(run_dir).summary.read_text(encoding="utf-8")
     assert "**negative_margin**" not in summary  # 30% negative margins are under this run's 40%
-    assert "(margin < τ; alert above 5%)" in summary
+    assert "violate the CPO margin constraint (margin < τ) (alert above 5%)" in summary

@@ -131,3 +131,37 @@ def test_probe_command_on_a_lora_adapter_folder_uses_the_adapter_disabled_base_a
     expected = _plain_logps(load_model(str(base_dir)), [probe], tokenizer.pad_token_id)
     assert written["probes"][0]["reference"]["chosen_logp"] == pytest.approx(expected[0].sum[0].item(), rel=1e-5, abs=1e-4)
     assert written["probes"][0]["trained"]["chosen_logp"] != pytest.approx(expected[0].sum[0].item(), abs=1e-2)
+
+
+def test_probes_in_the_config_are_scored_into_the_run_folder_and_the_report(tmp_path):
+    from preftune.run import train
+    from tests.support import save_tiny_model, tiny_run_config
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    result = train(tiny_run_config(tmp_path / "run", model_dir, probes={"max_length": 128}))
+    table = json.loads((result.run_dir / "probes.json").read_text())
+    assert len(table["probes"]) == 24
+    summary = (result.run_dir / "summary.md").read_text()
+    assert "## Probes" in summary and "No `probes.json`" not in summary
+
+
+def test_eval_command_scores_any_model_folder_and_writes_a_run_folder(tmp_path):
+    from preftune.cli import main
+    from preftune.runfolder import read_run
+    from tests.support import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    other = save_tiny_model(tmp_path / "other", seed=3)
+    argv = ["eval", "--model", str(other), "--reference", str(model_dir), "--data", "hh-rlhf-harmless:validation",
+            "--max-samples", "8", "--max-length", "96", "--output-dir", str(tmp_path / "eval")]
+    assert main(argv) == 0
+    records = read_run(tmp_path / "eval")
+    rows = records.evaluations[0]
+    assert len(rows) == 8 and all(row["reference_logps"] is not None for row in rows)
+    assert records.identity["status"] == "evaluated" and records.method == "sigmoid"
+    assert (tmp_path / "eval" / "report.html").is_file()
+    # Without a reference the model is ranked on its own per-token likelihoods.
+    assert main(["eval", "--model", str(other), "--data", "hh-rlhf-harmless:validation", "--max-samples", "4",
+                 "--max-length", "96", "--output-dir", str(tmp_path / "alone")]) == 0
+    alone = read_run(tmp_path / "alone")
+    assert alone.method == "sft" and alone.evaluations[0][0]["reference_logps"] is None

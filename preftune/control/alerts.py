@@ -229,18 +229,19 @@ def _series(rows: Sequence[Mapping[str, Any]], key: str, *, after_start: bool) -
     return sorted(points, key=lambda point: point[0])
 
 
-def negative_margin_alert(rows: Sequence[Mapping[str, Any]], settings: AlertSettings) -> Alert | None:
-    series = _series(rows, NEGATIVE_MARGIN_METRIC, after_start=True)
-    if not series:
+def _latest_above(rows: Sequence[Mapping[str, Any]], metric: str, threshold: float, kind: str, what: str) -> Alert | None:
+    """`kind` when the latest evaluation (after step 0) of `metric` is above `threshold`; `what` describes the value."""
+    series = _series(rows, metric, after_start=True)
+    if not series or series[-1][1] <= threshold:
         return None
     step, value = series[-1]
-    threshold = settings.alert_negative_margin_ratio
-    if value <= threshold:
-        return None
-    return _alert(
-        NEGATIVE_MARGIN, step, f"{value:.1%} of validation pairs have a negative reward margin (alert above {threshold:.0%})",
-        metric=NEGATIVE_MARGIN_METRIC, value=value, threshold=threshold,
-    )
+    return _alert(kind, step, f"{value:.1%} of validation pairs {what} (alert above {threshold:.0%})",
+                  metric=metric, value=value, threshold=threshold)
+
+
+def negative_margin_alert(rows: Sequence[Mapping[str, Any]], settings: AlertSettings) -> Alert | None:
+    return _latest_above(rows, NEGATIVE_MARGIN_METRIC, settings.alert_negative_margin_ratio, NEGATIVE_MARGIN,
+                         "have a negative reward margin")
 
 
 def decoupling_alert(rows: Sequence[Mapping[str, Any]], settings: AlertSettings) -> Alert | None:
@@ -361,18 +362,8 @@ def non_finite_alert(rows: Sequence[Mapping[str, Any]], settings: AlertSettings)
 
 
 def constraint_violation_alert(rows: Sequence[Mapping[str, Any]], settings: AlertSettings) -> Alert | None:
-    series = _series(rows, VIOLATION_METRIC, after_start=True)
-    if not series:
-        return None
-    step, value = series[-1]
-    threshold = settings.alert_constraint_violation_ratio
-    if value <= threshold:
-        return None
-    return _alert(
-        CONSTRAINT_VIOLATION, step,
-        f"{value:.1%} of validation pairs violate the CPO margin constraint (margin < τ; alert above {threshold:.0%})",
-        metric=VIOLATION_METRIC, value=value, threshold=threshold,
-    )
+    return _latest_above(rows, VIOLATION_METRIC, settings.alert_constraint_violation_ratio, CONSTRAINT_VIOLATION,
+                         "violate the CPO margin constraint (margin < τ)")
 
 
 RULES = (

@@ -45,9 +45,9 @@ from preftune.eval.stats import (
 )
 from preftune.methods import get_method
 from preftune.methods.evaluation import TIE_TOLERANCE
-from preftune.runfolder import HTML_REPORT, PLOTS, SUMMARY, RunRecords, read_run
+from preftune.runfolder import DATA_AUDIT, HTML_REPORT, PLOTS, SUMMARY, RunRecords, read_run
 
-DATA_AUDIT_FILE = "data_audit.json"
+DATA_AUDIT_FILE = DATA_AUDIT
 CHANCE = 0.5
 
 FILE_DESCRIPTIONS = {

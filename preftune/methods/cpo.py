@@ -140,6 +140,11 @@ def cpo_report_section(records: RunRecords) -> tuple[str, list[str]] | None:
             f"- λ peaked at {peak['lambda']:.4g} after step {peak['step']}; last step's violation {history[-1]['violation']:.4g}",
             f"- steps whose violation exceeded the slack {slack:g}: {sum(e['violation'] > slack for e in history)} of {len(history)}",
         ]
+        if max(entry["lambda"] for entry in history) == 0.0:
+            lines.append(
+                f"- **the constraint never acted**: λ stayed 0 because the step's violation never exceeded constraint_slack "
+                f"({slack:g}); this run trained as plain DPO"
+            )
     cuts = records.controllers.get("constraint_violation_lr", {}).get("reductions", [])
     if cuts:
         lines.append(f"- learning rate cut {len(cuts)} time(s) for sustained violation (now {cuts[-1]['lr_scale']:.3g} × the schedule)")

@@ -40,6 +40,7 @@ class LagrangianController(Controller):
         self.monitored = MONITORED_METRIC[settings.mode]
         self.history: list[dict[str, float]] = []  # one entry per optimiser step
         self.multiplier = float(settings.initial_lambda)
+        self.inactive_alerted = False
 
     def loss_inputs(self) -> dict[str, Any]:
         return {"lagrange_multiplier": self.multiplier}
@@ -66,8 +67,25 @@ class LagrangianController(Controller):
         )
         return {"lagrangian/lambda": self.multiplier, "lagrangian/violation": violation}
 
+    def on_evaluate(self, context: StepContext, summary: dict[str, float]) -> None:
+        """Say so when the constraint is violated on held-out pairs but λ never moved: the slack swallowed it."""
+        violated = summary.get("eval/constraint/violated")
+        if context.step == 0 or violated is None or not self.history or self.inactive_alerted:
+            return
+        if violated > 0 and max(entry["lambda"] for entry in self.history) == 0.0:
+            self.inactive_alerted = True
+            context.alert(
+                "constraint_inactive",
+                f"{violated:.0%} of validation pairs are below τ, but λ has stayed 0 for {len(self.history)} steps: the mean "
+                f"violation never exceeded constraint_slack ({self.settings.constraint_slack:g}), so CPO has trained as plain DPO",
+                what_it_means="the margin constraint is not acting on this run",
+                what_to_try="lower constraint_slack, raise lagrangian_lr or margin_threshold, or use mode: hard",
+                violated=violated, slack=self.settings.constraint_slack,
+            )
+
     def state_dict(self) -> dict[str, Any]:
         return {
+            "inactive_alerted": self.inactive_alerted,
             "lambda": self.multiplier,
             "threshold": self.threshold,
             "monitored_metric": self.monitored,
@@ -77,6 +95,7 @@ class LagrangianController(Controller):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.multiplier = float(state["lambda"])
         self.history = list(state["history"])
+        self.inactive_alerted = bool(state["inactive_alerted"])
 
     def export(self, folder: Path) -> None:
         atomic_write_json(folder / STATE_FILE, {**self.state_dict(), "settings": self.settings.model_dump(mode="json")})

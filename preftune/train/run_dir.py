@@ -27,7 +27,7 @@ _NOT_IDENTITY = ("output_dir", "resume_from", "overwrite_output_dir")
 OWN_NAMES = (
     runfolder.CONFIG, runfolder.IDENTITY, runfolder.DATA_REPORT, runfolder.METRICS, runfolder.ALERTS,
     runfolder.EVALUATIONS, runfolder.CONTROLLERS, runfolder.CHECKPOINTS, runfolder.FINAL, runfolder.PLOTS,
-    runfolder.SUMMARY, runfolder.HTML_REPORT, "tensorboard", "data_audit.json", "probes.json",
+    runfolder.SUMMARY, runfolder.HTML_REPORT, "tensorboard", runfolder.DATA_AUDIT, "probes.json",
 )
 
 
@@ -148,9 +148,14 @@ def claim(run_dir: Path, config: RunConfig, *, resuming: bool) -> None:
         raise PreftuneError(f"cannot write into output_dir {run_dir}: {error.strerror}") from None
 
 
-def write_start(run_dir: Path, config: RunConfig, identity: dict[str, Any], data_summary: str) -> None:
+def write_start(
+    run_dir: Path, config: RunConfig, identity: dict[str, Any], data_summary: str, data_evidence: dict[str, Any] | None = None
+) -> None:
+    """config.yaml, data_report.txt (the data summary), data_audit.json (the data's audit/mix/balance, when given), run.json."""
     atomic_write_text(run_dir / runfolder.CONFIG, dump_config(config))
     atomic_write_text(run_dir / runfolder.DATA_REPORT, data_summary + "\n")
+    if data_evidence:
+        atomic_write_json(run_dir / runfolder.DATA_AUDIT, data_evidence)
     atomic_write_json(run_dir / runfolder.IDENTITY, {**identity, "status": "running"})
 
 

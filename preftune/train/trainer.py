@@ -329,7 +329,7 @@ class Trainer:
                 run_folder.roll_back(self.run_dir, self.state.global_step)
             self.console.print(f"resumed from {escape(str(checkpoint))} at step {self.state.global_step}")
         if is_main:
-            run_folder.write_start(self.run_dir, self.config, self.identity, self.data.summary())
+            run_folder.write_start(self.run_dir, self.config, self.identity, self.data.summary(), self.data.evidence())
             self._warn_about_settings()
             self.log = MetricsLog(
                 self.run_dir,
