@@ -52,6 +52,8 @@ def main(out: str) -> None:
     if rank == 0:
         save_file(gradients, out + ".safetensors")
     if world > 1:
+        # Without it rank 1 can tear gloo down while rank 0 still writes, and abort ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
 
 
