@@ -61,11 +61,16 @@ def _fsync_directory(folder: Path) -> None:
         os.close(descriptor)
 
 
+def is_staging_name(name: str) -> bool:
+    """Whether `name` is an atomic write's staging or replaced copy (`.<name>.tmp-*`, `.<name>.old-*`)."""
+    return name.startswith(".") and (STAGING_MARK in name or ".old-" in name)
+
+
 def remove_stale_staging(folder: Path) -> list[Path]:
     """Remove staging folders and files a killed atomic write left in `folder` (`.<name>.tmp-*`, `.<name>.old-*`)."""
     if not folder.is_dir():
         return []
-    stale = [p for p in folder.iterdir() if p.name.startswith(".") and (STAGING_MARK in p.name or ".old-" in p.name)]
+    stale = [p for p in folder.iterdir() if is_staging_name(p.name)]
     for path in stale:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)

@@ -44,6 +44,9 @@ class ModelSettings(_Section):
         "auto = bfloat16 with LoRA where the CPU has avx512_bf16/AMX or the GPU supports bf16, else float32",
     )
     trust_remote_code: bool = False
+    allow_pickle: bool = Field(
+        False, description="load pickle weights (pytorch_model.bin) when a folder has no safetensors; unpickling can run code"
+    )
     lora: LoraSettings | None = Field(
         default_factory=LoraSettings,
         description="LoRA adapter settings; null = full fine-tune with a frozen reference copy",
@@ -355,7 +358,24 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"--set {key}: '{part}' is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(value)
+    node[parts[-1]] = _override_value(key.strip(), value)
+
+
+def _override_value(key: str, value: str) -> Any:
+    """Parse a `--set` value as YAML with `yaml.safe_load`: tags such as `!!python/object` are refused, not run."""
+    try:
+        return yaml.safe_load(value)
+    except yaml.constructor.ConstructorError:
+        raise ConfigError(
+            f"--set {key}={value}: YAML tags that build objects (such as !!python/...) are not allowed; give a plain "
+            "value (a number, true/false, a string, a [list] or a {mapping})"
+        ) from None
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(
+            f"--set {key}={value}: not a valid YAML value ({problem}); quote a string that starts with [ {{ ! & * or %, "
+            "e.g. --set 'KEY=\"[text\"'"
+        ) from None
 
 
 def dump_config(config: RunConfig) -> str:

@@ -18,6 +18,7 @@ from preftune.methods import DataShape
 from preftune.model.loading import load_model, load_tokenizer
 from preftune.model.lora import apply_lora, is_lora
 from preftune.model.precision import base_weight_dtypes, resolve_base_dtype, store_frozen_linears
+from preftune.train.run_dir import check_output_dir
 from preftune.train.setup import assemble
 from preftune.train.trainer import Trainer, TrainResult
 
@@ -25,6 +26,8 @@ from preftune.train.trainer import Trainer, TrainResult
 def build_trainer(config: RunConfig, *, console: Console | None = None) -> Trainer:
     """Load tokenizer, data and model as the config says, and wire them into a Trainer."""
     console = console or Console(stderr=True)
+    # Before anything slow: an output_dir that cannot be used would otherwise fail after the model and data load.
+    check_output_dir(config)
     settings = config.model
     tokenizer = load_tokenizer(settings.name_or_path, trust_remote_code=settings.trust_remote_code)
     paired = config.method_spec.data_shape is DataShape.PAIRED
@@ -34,7 +37,10 @@ def build_trainer(config: RunConfig, *, console: Console | None = None) -> Train
     state = PartialState(cpu=not torch.cuda.is_available())
     base_dtype = resolve_base_dtype(settings.dtype, lora=settings.lora is not None, device=state.device)
     # Loaded in fp32, then only the frozen decoder linears go low: adapters, norms and LM head stay fp32.
-    model = load_model(settings.name_or_path, dtype="float32", trust_remote_code=settings.trust_remote_code)
+    model = load_model(
+        settings.name_or_path, dtype="float32", trust_remote_code=settings.trust_remote_code,
+        allow_pickle=settings.allow_pickle,
+    )
     store_frozen_linears(model, base_dtype)
     if settings.lora is not None:
         lora = settings.lora

@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("control",),
     ("online",),
     ("methods",),
-    ("config", "config_template"),
+    ("config", "config_template", "config_checks"),
     ("train",),
     ("eval",),
     ("run", "sweep", "evaluate", "cli", "__main__"),

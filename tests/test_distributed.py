@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -36,3 +37,29 @@ def test_two_processes_with_half_the_batch_each_compute_the_single_process_gradi
     for key in single:
         torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0)  # every process applies the same update
         torch.testing.assert_close(rank0[key], single[key], rtol=1e-5, atol=1e-7)
+
+
+def _fsdp_gradients(tmp_path, processes: int) -> dict[str, torch.Tensor]:
+    out = tmp_path / f"fsdp-{processes}"
+    finished = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+         "-m", "tests.fsdp_gradients", str(out)],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=180,
+    )
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    return load_file(f"{out}.safetensors")
+
+
+def test_fsdp2_sharding_of_the_modules_the_engine_calls_gives_the_single_process_gradient(tmp_path):
+    """Feasibility for an FSDP path (docs/DISTRIBUTED.md): the engine calls the decoder and the LM head
+    directly, so each must be its own `fully_shard` unit; then 2 sharded CPU processes (gloo) with 2
+    examples each compute the gradient of one process with all 4. The LM head must run the same number
+    of times on every process (here one chunk each): each call all-gathers its weight."""
+    if not hasattr(pytest.importorskip("torch.distributed.fsdp"), "fully_shard"):
+        pytest.skip("FSDP2 (torch.distributed.fsdp.fully_shard) needs torch >= 2.6")
+
+    single = _fsdp_gradients(tmp_path, 1)
+    sharded = _fsdp_gradients(tmp_path, 2)
+    assert sorted(sharded) == sorted(single) and any(g.abs().max() > 0 for g in single.values())
+    for name in single:
+        torch.testing.assert_close(sharded[name], single[name], rtol=1e-5, atol=1e-6)

@@ -6,8 +6,8 @@ never the trainer, and pass values to the loss through `loss_inputs()`, never by
 
 from preftune.control.alerts import AlertSettings, TrainingAlerts
 from preftune.control.base import AlertSink, Controller, StepContext
-from preftune.control.monitors import LRReductionOnAlert, NonFiniteGuard
+from preftune.control.monitors import LossScaleAlert, LRReductionOnAlert, NonFiniteGuard
 
 __all__ = [
-    "AlertSettings", "AlertSink", "Controller", "LRReductionOnAlert", "NonFiniteGuard", "StepContext", "TrainingAlerts",
+    "AlertSettings", "AlertSink", "Controller", "LossScaleAlert", "LRReductionOnAlert", "NonFiniteGuard", "StepContext", "TrainingAlerts",
 ]

@@ -139,6 +139,9 @@ class AlertSettings(Section):
     alert_constraint_violation_ratio: float = Field(
         0.25, ge=0.0, le=1.0, description="CPO: alert when the validation fraction of pairs with margin < τ exceeds this"
     )
+    loss_alert_threshold: float | None = Field(
+        100.0, gt=0.0, description="alert once when a step's training loss exceeds this (extreme lr/beta); null = off"
+    )
 
 
 @dataclass

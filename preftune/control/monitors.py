@@ -108,3 +108,37 @@ class NonFiniteGuard(Controller):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.skipped = state["skipped"]
         self.consecutive = state["consecutive"]
+
+
+class LossScaleAlert(Controller):
+    """Alert once when a step's training loss exceeds `threshold`.
+
+    Preference losses of a sane run are O(1) (DPO starts at log 2 ≈ 0.69); a loss in the hundreds
+    means an extreme learning rate or beta, and the run would otherwise train to the end without a
+    word. One alert per run (the flag is checkpointed, so a resume does not repeat it).
+    """
+
+    name = "loss_scale"
+
+    def __init__(self, *, threshold: float):
+        self.threshold = threshold
+        self.alerted = False
+
+    def on_step_end(self, context: StepContext) -> dict[str, float] | None:
+        loss = context.metrics.get("loss")
+        if self.alerted or loss is None or not math.isfinite(loss) or loss <= self.threshold:
+            return None
+        self.alerted = True
+        context.alert(
+            self.name,
+            f"training loss {loss:.4g} at step {context.step} exceeds {self.threshold:g}: an extreme learning_rate or "
+            "beta, or a broken model; lower training.learning_rate / method.beta (this alert is shown once)",
+            loss=loss, threshold=self.threshold,
+        )
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"alerted": self.alerted}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.alerted = state["alerted"]

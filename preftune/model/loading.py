@@ -70,9 +70,52 @@ def _converted_embedded_model(name: str) -> Path:
     return target
 
 
+PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def check_weights_format(path: Path, *, allow_pickle: bool) -> bool:
+    """Whether `path` must be loaded from pickle weights: refuse them (ModelError) unless `allow_pickle`.
+
+    Unpickling runs code chosen by whoever wrote the file, so safetensors is the only format loaded
+    by default. A folder with any `*.safetensors` file is loaded from safetensors; one holding only
+    pickle files (`pytorch_model.bin`, `*.pt`, ...) needs `model.allow_pickle: true`, which logs a
+    warning. A folder with neither is left to transformers to report.
+    """
+    if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file():
+        return False
+    pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_WEIGHT_SUFFIXES)
+    if not pickled:
+        return False
+    if not allow_pickle:
+        raise ModelError(
+            f"{path} holds only pickle weights ({', '.join(pickled)}); preftune loads safetensors only, because "
+            "unpickling can run arbitrary code. Convert once where you trust the file: "
+            "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder, safe_serialization=True), "
+            "or set model.allow_pickle: true to load it as is"
+        )
+    logger.warning("model.allow_pickle: loading pickle weights %s from %s; unpickling can run arbitrary code", ", ".join(pickled), path)
+    return True
+
+
+def _remote_code_error(path: Path, error: ValueError) -> ModelError | None:
+    """transformers' ValueError for a folder whose config needs its own Python code (`auto_map`), as a ModelError."""
+    if "trust_remote_code" not in str(error):
+        return None
+    return ModelError(
+        f"{path} needs its own Python code to load (its config.json has an auto_map). Set model.trust_remote_code: true "
+        "only if you trust that code: it runs with your permissions"
+    )
+
+
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     path = resolve_model_path(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        friendly = _remote_code_error(path, error)
+        if friendly is None:
+            raise
+        raise friendly from None
     if tokenizer.eos_token_id is None:
         raise ModelError(f"the tokenizer in {path} has no EOS token; preference training needs one to end answers")
     if tokenizer.pad_token_id is None:
@@ -81,11 +124,13 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Pre
 
 
 def load_model(
-    name_or_path: str, *, dtype: str = "float32", trust_remote_code: bool = False
+    name_or_path: str, *, dtype: str = "float32", trust_remote_code: bool = False, allow_pickle: bool = False
 ) -> PreTrainedModel:
+    """Load a causal LM from safetensors (pickle weights only with `allow_pickle`, see `check_weights_format`)."""
     if dtype not in DTYPES:
         raise ModelError(f"dtype '{dtype}' is not one of {sorted(DTYPES)}")
     path = resolve_model_path(name_or_path)
+    pickled = check_weights_format(path, allow_pickle=allow_pickle)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
@@ -93,8 +138,14 @@ def load_model(
             local_files_only=True,
             trust_remote_code=trust_remote_code,
             attn_implementation="sdpa",
+            use_safetensors=None if pickled else True,
         )
     except OSError as error:
         raise ModelError(f"cannot load a causal LM from {path}: {error}") from error
+    except ValueError as error:
+        friendly = _remote_code_error(path, error)
+        if friendly is None:
+            raise
+        raise friendly from None
     model.config.use_cache = False
     return model

@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from preftune import runfolder
-from preftune.atomic import atomic_write_json, atomic_write_text, remove_stale_staging
+from preftune.atomic import atomic_write_json, atomic_write_text, is_staging_name, remove_stale_staging
 from preftune.config import RunConfig, dump_config
 from preftune.errors import CheckpointError, PreftuneError
 
@@ -70,6 +71,54 @@ def check_resumable(identity: dict[str, Any], saved: dict[str, Any] | None, chec
         )
 
 
+def _entries(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+
+
+def _refuse_occupied(run_dir: Path, config: RunConfig, entries: list[str]) -> None:
+    """A non-empty folder is refused for a fresh run unless `overwrite_output_dir`: a run (resume it) or the user's files."""
+    if config.overwrite_output_dir:
+        return
+    if (run_dir / runfolder.IDENTITY).is_file() or (run_dir / runfolder.METRICS).is_file():
+        raise PreftuneError(
+            f"{run_dir} already holds a run. Resume it with `resume_from: latest`, pick another "
+            "output_dir, or set overwrite_output_dir: true."
+        )
+    shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+    raise PreftuneError(
+        f"output_dir {run_dir} is not empty and is not a preftune run (it holds {shown}); preftune will not "
+        "write among your files. Pick an empty or new folder, or set overwrite_output_dir: true "
+        "(which replaces only the files preftune writes)"
+    )
+
+
+def check_output_dir(config: RunConfig) -> None:
+    """Refuse an `output_dir` that `claim` would refuse, without creating or deleting anything.
+
+    Called before the model and data load, so a bad path costs seconds, not the load: the folder
+    itself if it exists, else its nearest existing ancestor, must be a folder this process may
+    create entries in (`claim` still tries a real write later, which catches what `os.access`
+    cannot see, such as a read-only mount), and a fresh run (no `resume_from`) is refused a
+    non-empty folder as `claim` refuses it.
+    """
+    run_dir = Path(config.output_dir)
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "" if existing == run_dir else f" (its parent {existing} is a file)"
+        raise PreftuneError(f"output_dir {run_dir} cannot be a folder{where}: pick another output_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == run_dir else f" (its nearest existing parent {existing} is not writable)"
+        raise PreftuneError(
+            f"cannot write into output_dir {run_dir}: permission denied{where}. Pick a folder you can write to, "
+            "or fix its permissions"
+        )
+    entries = [name for name in _entries(run_dir) if not is_staging_name(name)]  # claim removes those
+    if entries and config.resume_from is None:
+        _refuse_occupied(run_dir, config, entries)
+
+
 def claim(run_dir: Path, config: RunConfig, *, resuming: bool) -> None:
     """Make `run_dir` this run's, or refuse with what to do instead. Main process only."""
     if run_dir.exists() and not run_dir.is_dir():
@@ -78,21 +127,9 @@ def claim(run_dir: Path, config: RunConfig, *, resuming: bool) -> None:
         remove_stale_staging(run_dir / runfolder.CHECKPOINTS)
         remove_stale_staging(run_dir / runfolder.FINAL)
         remove_stale_staging(run_dir)
-    entries = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
-    is_run = (run_dir / runfolder.IDENTITY).is_file() or (run_dir / runfolder.METRICS).is_file()
+    entries = _entries(run_dir)
     if entries and not resuming:
-        if not config.overwrite_output_dir:
-            if is_run:
-                raise PreftuneError(
-                    f"{run_dir} already holds a run. Resume it with `resume_from: latest`, pick another "
-                    "output_dir, or set overwrite_output_dir: true."
-                )
-            shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
-            raise PreftuneError(
-                f"output_dir {run_dir} is not empty and is not a preftune run (it holds {shown}); preftune will not "
-                "write among your files. Pick an empty or new folder, or set overwrite_output_dir: true "
-                "(which replaces only the files preftune writes)"
-            )
+        _refuse_occupied(run_dir, config, entries)
         for name in OWN_NAMES:
             target = run_dir / name
             if target.is_dir():

@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from transformers import get_scheduler
 
 from preftune.config import RunConfig
-from preftune.control import AlertSettings, Controller, NonFiniteGuard, TrainingAlerts
+from preftune.control import AlertSettings, Controller, LossScaleAlert, NonFiniteGuard, TrainingAlerts
 from preftune.errors import ConfigError, PreftuneError
 from preftune.logprobs.cache import ReferenceLogpsCache, open_reference_cache
 from preftune.methods import DataShape, Method
@@ -48,6 +48,8 @@ def monitoring_controllers(config: RunConfig) -> list[Controller]:
     controllers: list[Controller] = [NonFiniteGuard(max_consecutive=config.training.max_consecutive_nonfinite_steps)]
     if config.monitoring.alerts:
         controllers.append(TrainingAlerts(AlertSettings.model_validate(config.monitoring.model_dump(exclude={"alerts"}))))
+    if config.monitoring.loss_alert_threshold is not None:
+        controllers.append(LossScaleAlert(threshold=config.monitoring.loss_alert_threshold))
     return controllers
 
 

@@ -28,6 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from preftune import runfolder
 from preftune.atomic import atomic_write_json
 from preftune.config import RunConfig
+from preftune.config_checks import config_warnings
 from preftune.control import StepContext
 from preftune.control.monitors import TrainingDiverged
 from preftune.data.collate import PackedBatch
@@ -329,6 +330,7 @@ class Trainer:
             self.console.print(f"resumed from {escape(str(checkpoint))} at step {self.state.global_step}")
         if is_main:
             run_folder.write_start(self.run_dir, self.config, self.identity, self.data.summary(), self.data.evidence())
+            self._warn_about_settings()
             self.log = MetricsLog(
                 self.run_dir,
                 tensorboard="tensorboard" in self.training.report_to,
@@ -371,6 +373,14 @@ class Trainer:
                 self.reference_cache.flush()
         history = self.state.eval_history
         return TrainResult(self.run_dir, self.state, history[0] if history else None, history[-1] if history else None, train_seconds)
+
+    def _warn_about_settings(self) -> None:
+        """Print each `config_warnings` sentence once, before the first step, and record them in run.json."""
+        found = config_warnings(self.config)
+        for warning in found:
+            self.console.print(f"[bold yellow]warning[/]: {escape(warning)}")
+        if found:
+            run_folder.update_identity(self.run_dir, warnings=found)
 
     def _train_one_step(self) -> dict[str, float]:
         if self.state.step_in_epoch == 0:
