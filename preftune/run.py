@@ -23,8 +23,10 @@ def build_trainer(config: RunConfig, *, console: Console | None = None) -> Train
     console = console or Console(stderr=True)
     settings = config.model
     tokenizer = load_tokenizer(settings.name_or_path, trust_remote_code=settings.trust_remote_code)
-    paired = config.method_spec.data_shape is DataShape.PAIRED
-    data = prepare_examples(config.data, tokenizer, seed=config.training.seed, paired=paired)
+    shape = config.method_spec.data_shape
+    data = prepare_examples(
+        config.data, tokenizer, seed=config.training.seed, paired=shape is DataShape.PAIRED, prompts=shape is DataShape.PROMPTS
+    )
     if PartialState(cpu=not torch.cuda.is_available()).is_main_process:
         console.print(escape(data.summary()))
     model = load_model(settings.name_or_path, dtype=settings.dtype, trust_remote_code=settings.trust_remote_code)

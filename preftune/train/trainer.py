@@ -34,6 +34,7 @@ from preftune.data.collate import PackedBatch
 from preftune.errors import CheckpointError, TrainingInterrupted
 from preftune.logprobs import SequenceLogps, sequence_logps
 from preftune.losses import LossOutput
+from preftune.methods.base import RolloutContext
 from preftune.methods.evaluation import evaluate_examples, summarize_evaluation
 from preftune.model.export import save_adapter, save_merged
 from preftune.train import run_dir as run_folder
@@ -69,6 +70,7 @@ class Trainer:
         self.method = parts.method
         self.loss = parts.loss
         self.layout = parts.layout
+        self.rollout = parts.rollout
         self.accelerator = parts.accelerator
         self.policy = parts.policy
         self.reference = parts.reference
@@ -113,7 +115,11 @@ class Trainer:
     # ---- log-probs and loss -----------------------------------------------------------------
     def policy_logps(self, batch: PackedBatch) -> SequenceLogps:
         with self.accelerator.autocast():
-            return sequence_logps(self.policy, batch, chunk_size=self.training.logprob_chunk_size)
+            return sequence_logps(self.policy, batch, chunk_size=self.training.logprob_chunk_size, per_token=self.layout.per_token)
+
+    @torch.no_grad()
+    def _rollout_policy_logps(self, batch: PackedBatch) -> SequenceLogps:
+        return self.policy_logps(batch.to(self.accelerator.device))
 
     def reference_logps(self, batch: PackedBatch) -> SequenceLogps:
         if self.reference_cache is not None:
@@ -122,7 +128,7 @@ class Trainer:
 
     def _compute_reference_logps(self, batch: PackedBatch) -> SequenceLogps:
         with self.accelerator.autocast():
-            return self.reference.logps(batch)
+            return self.reference.logps(batch, per_token=self.layout.per_token)
 
     def loss_inputs(self) -> dict[str, Any]:
         inputs: dict[str, Any] = {}
@@ -132,8 +138,8 @@ class Trainer:
 
     def micro_batch_loss(self, examples: list) -> LossOutput:
         batch = self.layout.collate(examples, pad_id=self.pad_id).to(self.accelerator.device)
-        reference = self.layout.split(self.reference_logps(batch), examples) if self.reference is not None else None
-        policy = self.layout.split(self.policy_logps(batch), examples)
+        reference = self.layout.split(self.reference_logps(batch), examples, batch) if self.reference is not None else None
+        policy = self.layout.split(self.policy_logps(batch), examples, batch)
         return self.loss(policy, reference, **self.loss_inputs())
 
     # ---- one optimiser step -----------------------------------------------------------------
@@ -142,8 +148,10 @@ class Trainer:
         let the controllers veto a non-finite update, then step."""
         examples_in_step = sum(len(indices) for indices in micro_batches)
         sums: dict[str, torch.Tensor] = {}
-        for indices in micro_batches:
-            shard = [self.data.train[i] for i in self._local_shard(indices)]
+        shards = [[self.data.train[i] for i in self._local_shard(indices)] for indices in micro_batches]
+        if self.rollout is not None:  # online methods: generate and score the answers of the whole step first
+            shards = self.rollout(self._rollout_context(evaluation=False), shards)
+        for shard in shards:
             if not shard:
                 continue
             output = self.micro_batch_loss(shard)
@@ -192,6 +200,12 @@ class Trainer:
         for group, scheduled in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
             group["lr"] = scheduled * self.state.lr_scale
 
+    def _rollout_context(self, *, evaluation: bool) -> RolloutContext:
+        return RolloutContext(
+            policy=self.policy, tokenizer=self.tokenizer, step=self.state.global_step, seed=self.training.seed,
+            evaluation=evaluation, policy_logps=self._rollout_policy_logps, pad_id=self.pad_id,
+        )
+
     # ---- controllers ------------------------------------------------------------------------
     def _context(self, metrics: dict[str, float] | None = None) -> StepContext:
         return StepContext(
@@ -231,8 +245,11 @@ class Trainer:
         was_training = self.policy.training
         self.policy.eval()
         try:
+            shard = examples[rank::world]
+            if self.rollout is not None and shard:  # online methods are evaluated on answers generated for the prompts
+                (shard,) = self.rollout(self._rollout_context(evaluation=True), [shard])
             local = evaluate_examples(
-                examples[rank::world],
+                shard,
                 loss=self.loss,
                 loss_inputs=self.loss_inputs(),
                 layout=self.layout,
