@@ -115,6 +115,8 @@ class Trainer:
     # ---- log-probs and loss -----------------------------------------------------------------
     def policy_logps(self, batch: PackedBatch) -> SequenceLogps:
         with self.accelerator.autocast():
+            if self.layout.forward is not None:  # e.g. a reward model's scalar head instead of the engine
+                return self.layout.forward(self.policy, batch)
             return sequence_logps(self.policy, batch, chunk_size=self.training.logprob_chunk_size, per_token=self.layout.per_token)
 
     @torch.no_grad()
@@ -366,8 +368,10 @@ class Trainer:
                 with self._progress() as (progress, task):
                     while self.state.global_step < self.total_steps:
                         metrics = self._train_one_step()
-                        accuracy = metrics.get("rewards/accuracies", float("nan"))
-                        progress.update(task, advance=1, description=f"loss {metrics['loss']:.4f}  acc {accuracy:.2f}")
+                        shown = f"reward {metrics['reward']:.3f}" if "reward" in metrics else (
+                            f"acc {metrics.get('rewards/accuracies', float('nan')):.2f}"
+                        )
+                        progress.update(task, advance=1, description=f"loss {metrics['loss']:.4f}  {shown}")
                         self._after_step()
                 train_seconds = time.perf_counter() - started
                 if self.data.validation and not self._evaluated_at(self.state.global_step):
@@ -435,11 +439,14 @@ class Trainer:
         self._log(summary)
         accuracy = summary.get("eval/rewards/accuracies")
         shown = f"accuracy {accuracy:.3f}  " if accuracy is not None else ""
-        self.console.print(
-            f"[cyan]eval @ step {self.state.global_step}[/]: loss {summary['eval/loss']:.4f}  {shown}"
-            f"margin {summary.get('eval/rewards/margins', float('nan')):+.4f}  "
-            f"negative margins {summary.get('eval/negative_margin_fraction', float('nan')):.1%}"
-        )
+        if "eval/reward" in summary:  # online methods: the reward of answers generated for the validation prompts
+            shown += f"reward {summary['eval/reward']:.4f}  "
+        if "eval/rewards/margins" in summary:
+            shown += (
+                f"margin {summary['eval/rewards/margins']:+.4f}  "
+                f"negative margins {summary.get('eval/negative_margin_fraction', float('nan')):.1%}"
+            )
+        self.console.print(f"[cyan]eval @ step {self.state.global_step}[/]: loss {summary['eval/loss']:.4f}  {shown}")
         return summary
 
     def _log(self, metrics: dict[str, float]) -> None:
@@ -478,8 +485,11 @@ class Trainer:
 
     def export(self) -> None:
         final = self.run_dir / runfolder.FINAL
-        save_adapter(self.policy, self.tokenizer, final / "adapter")
-        save_merged(self.policy, self.tokenizer, final / "merged")
+        if self.method.export is not None:
+            self.method.export(self.policy, self.tokenizer, final)
+        else:
+            save_adapter(self.policy, self.tokenizer, final / "adapter")
+            save_merged(self.policy, self.tokenizer, final / "merged")
         states = {c.name: c.state_dict() for c in self.controllers}
         atomic_write_json(self.run_dir / runfolder.CONTROLLERS, states)
         for controller in self.controllers:
