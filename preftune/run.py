@@ -14,6 +14,7 @@ from preftune.eval.html_report import build_report
 from preftune.methods import DataShape
 from preftune.model.loading import load_model, load_tokenizer
 from preftune.model.lora import apply_lora
+from preftune.online.reward_model import build_reward_model
 from preftune.train.setup import assemble
 from preftune.train.trainer import Trainer, TrainResult
 
@@ -29,12 +30,16 @@ def build_trainer(config: RunConfig, *, console: Console | None = None) -> Train
     )
     if PartialState(cpu=not torch.cuda.is_available()).is_main_process:
         console.print(escape(data.summary()))
-    model = load_model(settings.name_or_path, dtype=settings.dtype, trust_remote_code=settings.trust_remote_code)
-    if settings.lora is not None:
-        lora = settings.lora
-        # The adapter's random init must be the same in every process and every run of this config.
-        set_seed(config.training.seed)
-        model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
+    if config.method_spec.model_kind == "reward_model":
+        # A scalar head on the LM; LoRA adapters (and the head in full) when model.lora is set.
+        model = build_reward_model(settings.name_or_path, tokenizer, dtype=settings.dtype, lora=settings.lora, seed=config.training.seed)
+    else:
+        model = load_model(settings.name_or_path, dtype=settings.dtype, trust_remote_code=settings.trust_remote_code)
+        if settings.lora is not None:
+            lora = settings.lora
+            # The adapter's random init must be the same in every process and every run of this config.
+            set_seed(config.training.seed)
+            model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
     parts = assemble(config, policy=model, train_examples=len(data.train))
     return Trainer(config, parts, tokenizer=tokenizer, data=data, console=console)
 

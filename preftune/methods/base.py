@@ -16,7 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, Literal, Protocol
 
 import torch
 from pydantic import Field
@@ -109,6 +110,8 @@ class ExampleLayout:
     split: Callable[[SequenceLogps, Sequence, PackedBatch], Any]  # (engine output, examples, batch) -> the loss's log-probs
     answers: int | None
     per_token: bool = False
+    # What scores a collated batch instead of the log-prob engine: (model, batch) -> SequenceLogps-shaped scores.
+    forward: Callable[[torch.nn.Module, Any], SequenceLogps] | None = None
 
 
 def _pair_logps(logps: SequenceLogps, examples: Sequence, batch: PackedBatch) -> PairLogps:
@@ -195,6 +198,12 @@ class Method:
     needs_reference: bool | Callable[[Any], bool] = True
     # Online methods: settings -> the rollout that turns prompt examples into scored GROUP examples.
     build_rollout: Callable[[Any], Rollout] | None = None
+    # What the policy is: a causal LM, or a sequence-classification reward model (a scalar head).
+    model_kind: Literal["causal_lm", "reward_model"] = "causal_lm"
+    # A layout of the method's own instead of its data shape's (the reward model scores pairs with its head).
+    example_layout: ExampleLayout | None = None
+    # How final/ is written: (policy, tokenizer, final folder) -> None; None = the LoRA adapter and the merged model.
+    export: Callable[[torch.nn.Module, Any, Path], None] | None = None
     # Examples each micro-batch needs at least (KTO estimates its KL baseline from the other examples).
     min_batch_size: int = 1
     controllers: Callable[[Any], list[Controller]] = lambda settings: []
@@ -206,6 +215,8 @@ class Method:
 
     @property
     def layout(self) -> ExampleLayout:
+        if self.example_layout is not None:
+            return self.example_layout
         if self.data_shape not in LAYOUTS:
             raise NotImplementedError(f"method {self.name}: no offline layout for {self.data_shape.value} data")
         return LAYOUTS[self.data_shape]
