@@ -14,7 +14,7 @@ answers, scored), which then go through the same collate → engine → loss pat
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -73,28 +73,33 @@ class GroupLogps:
     mask: torch.Tensor  # [E, G, T] float
     sequence: SequenceLogps
     examples: Sequence
+    values: torch.Tensor | None = None  # [E, G, T]: a value head's per-token values, when the layout computes them (PPO)
 
 
-def per_token_matrix(logps: SequenceLogps, batch_sequences: torch.Tensor, num_examples: int, answers: int):
-    """The engine's flat per-token log-probs ([targets], in `target_sequence` order) as `[E, G, T]` and its mask.
+def token_matrix(flat: torch.Tensor, batch_sequences: torch.Tensor, counts: torch.Tensor, num_examples: int, answers: int):
+    """Per-target values (`[targets]`, in `target_sequence` order) as `[E, G, T]`, right-padded with 0, and the mask.
 
     `pack_examples` writes each sequence's targets in token order (rows hold the sequences in any
     order), so a stable sort by sequence puts target j of sequence s at `start_s + j`; sequence
     `g · E + e` is answer g of example e.
     """
-    counts = logps.count.to(torch.long)
+    counts = counts.to(torch.long).to(flat.device)
     width = int(counts.max().item()) if counts.numel() else 0
     starts = torch.cumsum(counts, 0) - counts
-    flat_sequence = batch_sequences.to(torch.long).to(logps.token_logps.device)
+    flat_sequence = batch_sequences.to(torch.long).to(flat.device)
     order = torch.sort(flat_sequence, stable=True).indices
     position = torch.empty_like(flat_sequence)
     position[order] = torch.arange(flat_sequence.numel(), device=flat_sequence.device) - starts[flat_sequence[order]]
-    tokens = logps.token_logps.new_zeros(answers * num_examples, width)
-    mask = torch.zeros(answers * num_examples, width, device=tokens.device)
-    tokens = tokens.index_put((flat_sequence, position), logps.token_logps)
+    matrix = flat.new_zeros(answers * num_examples, width).index_put((flat_sequence, position), flat)
+    mask = torch.zeros(answers * num_examples, width, device=flat.device)
     mask[flat_sequence, position] = 1.0
     # answer-slot-major [G, E, T] → example-major [E, G, T]
-    return tokens.view(answers, num_examples, width).transpose(0, 1), mask.view(answers, num_examples, width).transpose(0, 1)
+    return matrix.view(answers, num_examples, width).transpose(0, 1), mask.view(answers, num_examples, width).transpose(0, 1)
+
+
+def per_token_matrix(logps: SequenceLogps, batch_sequences: torch.Tensor, num_examples: int, answers: int):
+    """The engine's per-token log-probs as `[E, G, T]` and their mask (see `token_matrix`)."""
+    return token_matrix(logps.token_logps, batch_sequences, logps.count, num_examples, answers)
 
 
 @dataclass(frozen=True)
@@ -131,7 +136,10 @@ def collate_groups(examples: Sequence, *, pad_id: int) -> PackedBatch:
 
 def _group_logps(logps: SequenceLogps, examples: Sequence, batch: PackedBatch) -> GroupLogps:
     tokens, mask = per_token_matrix(logps, batch.target_sequence, batch.num_examples, batch.answers_per_example)
-    return GroupLogps(tokens, mask, logps, examples)
+    values = None
+    if getattr(logps, "values", None) is not None:
+        values, _ = token_matrix(logps.values, batch.target_sequence, logps.count, batch.num_examples, batch.answers_per_example)
+    return GroupLogps(tokens, mask, logps, examples, values)
 
 
 LAYOUTS: dict[DataShape, ExampleLayout] = {
@@ -179,6 +187,10 @@ class RolloutContext:
     evaluation: bool
     policy_logps: Callable[[PackedBatch], SequenceLogps]
     pad_id: int
+    # The reference's per-token log-probs without gradient (None when the method builds no reference).
+    reference_logps: Callable[[PackedBatch], SequenceLogps] | None = None
+    # The controllers' loss inputs at this step (e.g. PPO's KL coefficient).
+    inputs: dict[str, Any] = field(default_factory=dict)
 
 
 # (context, micro-batches of prompt examples) -> the same micro-batches as GROUP examples
@@ -204,6 +216,8 @@ class Method:
     example_layout: ExampleLayout | None = None
     # How final/ is written: (policy, tokenizer, final folder) -> None; None = the LoRA adapter and the merged model.
     export: Callable[[torch.nn.Module, Any, Path], None] | None = None
+    # Trainable modules added to the policy before the optimiser is built: (policy, settings, seed) -> None (PPO's value head).
+    attach_heads: Callable[[torch.nn.Module, Any, int], None] | None = None
     # Examples each micro-batch needs at least (KTO estimates its KL baseline from the other examples).
     min_batch_size: int = 1
     controllers: Callable[[Any], list[Controller]] = lambda settings: []

@@ -67,6 +67,8 @@ def assemble(
             f"(got {training.per_device_train_batch_size})"
         )
     policy = policy.to(accelerator.device)
+    if method.attach_heads is not None:
+        method.attach_heads(policy, config.method, training.seed)
     policy.train()
     if training.gradient_checkpointing:
         # Non-reentrant: gradients reach the LoRA weights without making the inputs require grad. Only

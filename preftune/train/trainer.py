@@ -123,6 +123,9 @@ class Trainer:
     def _rollout_policy_logps(self, batch: PackedBatch) -> SequenceLogps:
         return self.policy_logps(batch.to(self.accelerator.device))
 
+    def _rollout_reference_logps(self, batch: PackedBatch) -> SequenceLogps:
+        return self.reference_logps(batch.to(self.accelerator.device))
+
     def reference_logps(self, batch: PackedBatch) -> SequenceLogps:
         if self.reference_cache is not None:
             return self.reference_cache.logps(batch, self._compute_reference_logps)
@@ -206,6 +209,7 @@ class Trainer:
         return RolloutContext(
             policy=self.policy, tokenizer=self.tokenizer, step=self.state.global_step, seed=self.training.seed,
             evaluation=evaluation, policy_logps=self._rollout_policy_logps, pad_id=self.pad_id,
+            reference_logps=self._rollout_reference_logps if self.reference is not None else None, inputs=self.loss_inputs(),
         )
 
     # ---- controllers ------------------------------------------------------------------------
