@@ -61,3 +61,25 @@ def test_ppo_raises_the_reward_with_a_value_head_and_a_checkpointed_kl_controlle
     assert state["kind"] == "adaptive" and state["value"] == rows[-1]["kl_coef"]
     assert runfolder.evaluation_steps(run_dir) == [0, 30]
     assert all("reward" in row for row in runfolder.read_jsonl(runfolder.evaluation_path(run_dir, 30)))
+
+
+def test_after_a_crash_and_resume_ppo_equals_a_straight_run(tmp_path, model_dir):
+    from tests.test_run_folder import CrashAt
+
+    method = {"kl_coef": 0.05, "adaptive_kl": True, "target_kl": 0.5, "kl_horizon": 100, "ppo_epochs": 2}
+    training = {"max_steps": 4, "save_steps": 2, "eval_steps": 2, "per_device_train_batch_size": 4}
+    build_trainer(_config(tmp_path / "straight", model_dir, method, **training)).train()
+    crashed = build_trainer(_config(tmp_path / "resumed", model_dir, method, **training))
+    crashed.controllers.append(CrashAt(3))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashed.train()
+    resumed = _config(tmp_path / "resumed", model_dir, method, **training).model_copy(update={"resume_from": "latest"})
+    build_trainer(resumed).train()
+
+    def rows(run_dir):
+        return [{k: v for k, v in row.items() if k not in ("time", "pairs_per_second")}
+                for row in runfolder.read_jsonl(run_dir / runfolder.METRICS)]
+
+    assert rows(tmp_path / "resumed") == rows(tmp_path / "straight")
+    assert ((tmp_path / "resumed" / runfolder.CONTROLLERS).read_bytes()
+            == (tmp_path / "straight" / runfolder.CONTROLLERS).read_bytes())
