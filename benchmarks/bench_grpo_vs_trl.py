@@ -7,8 +7,8 @@ The job (issue 13's setting): SmolLM2-135M (preftune's embedded default; TRL get
 folder from `resolve_model_path`), float32, LoRA r=16 alpha=32 on q_proj/v_proj, the shipped
 hh-rlhf train prompts (the same prompts in the same order for both), 2 prompts per step × G = 4
 completions, at most 48 new tokens, temperature 1, β = 0.04, one policy update per generation
-batch, a length reward (1 − |words − 20| / 20, clipped at 0), lr 1e-5 constant, same seed. No vLLM
-on either side.
+batch, a length reward (1 − |words − 20| / 20, clipped at 0), lr 1e-5 constant, same seed, no
+gradient checkpointing, GRPO's per-sequence loss mean on both sides. No vLLM on either side.
 
 Each trainer runs in a fresh process (so peak RSS is its own). Reported: steady-state steps/s and
 generated tokens/s (the first step excluded), peak RSS. Results are appended to
@@ -133,6 +133,10 @@ def run_trl(args) -> dict:
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
         shuffle_dataset=False,  # the prompts in the order given (each repeated G times by TRL's sampler)
+        # Equal settings: preftune runs without gradient checkpointing and with GRPO's per-sequence mean
+        # (TRL 1.16 defaults: gradient checkpointing on, loss_type "dapo").
+        gradient_checkpointing=False,
+        loss_type="grpo",
     )
     known = set(GRPOConfig.__dataclass_fields__)
     timer = StepTimer()
