@@ -23,7 +23,7 @@ from pydantic import Field
 from preftune.logprobs import SequenceLogps
 from preftune.losses import LossOutput
 from preftune.losses.bradley_terry import bradley_terry_loss
-from preftune.methods.base import DataShape, ExampleLayout, Method, MethodSettings, PairLogps
+from preftune.methods.base import ExampleLayout, Method, MethodSettings, PairLogps
 from preftune.online.reward_model import export_reward_model, reward_logits
 
 REWARD_MODEL_FOLDER = "reward-model"  # final/reward-model/: a HF sequence-classification folder
