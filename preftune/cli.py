@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -53,6 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a policy on preference pairs and write a run folder")
     _config_arguments(train)
+    train_reward = commands.add_parser(
+        "train-reward", help="train a reward model (Bradley–Terry on pairs): `train` with method.loss_type reward_model"
+    )
+    _config_arguments(train_reward)
+    score = commands.add_parser("score", help="add a reward model's `score` to every record of a JSONL file")
+    score.add_argument("--model", required=True, help="a reward-model folder (a run's final/reward-model)")
+    score.add_argument("--data", required=True, help="JSONL/JSON/Parquet of {prompt, completion} (or chosen/rejected pairs)")
+    score.add_argument("--output", help="where to write the scored JSONL (default: DATA with .scored.jsonl)")
+    score.add_argument("--completion-field", default="completion", help="the field holding the text to score")
+    score.add_argument("--batch-size", type=int, default=8)
 
     config = commands.add_parser(
         "config",
@@ -206,6 +217,17 @@ def main(argv: list[str] | None = None) -> int:
             from preftune.run import train
 
             train(_load(args), console=console)
+        elif args.command == "train-reward":
+            from preftune.run import train
+
+            args.overrides = ["method.loss_type=reward_model", *args.overrides]
+            train(_load(args), console=console)
+        elif args.command == "score":
+            from preftune.online.score import score_file
+
+            output = args.output or str(Path(args.data).with_suffix("")) + ".scored.jsonl"
+            count = score_file(args.model, args.data, output, completion_field=args.completion_field, batch_size=args.batch_size)
+            console.print(f"scored {count} records: {escape(output)}")
         elif args.command == "config":
             from preftune.config import DEFAULT_METHOD, describe_defaults, dump_config
 

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, SerializeAsAny, ValidationError, field_validator, model_validator
+from pydantic_core import to_jsonable_python
 
 from preftune.control.alerts import AlertSettings
 from preftune.config_template import TEMPLATE_KEY, is_template, translate_template
@@ -333,16 +334,16 @@ def describe_defaults(method_name: str = DEFAULT_METHOD) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _describe(section: Section, lines: list[str], *, indent: int) -> None:
+def _describe(section: BaseModel, lines: list[str], *, indent: int) -> None:
     pad = "  " * indent
     for name, field in type(section).model_fields.items():
         value = getattr(section, name)
         comment = f"  # {field.description}" if field.description else ""
-        if isinstance(value, Section):
+        if isinstance(value, BaseModel):  # a section, or a nested settings model (e.g. GRPO's generation)
             lines.append(f"{pad}{name}:{comment}")
             _describe(value, lines, indent=indent + 1)
         else:
-            rendered = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+            rendered = yaml.safe_dump(to_jsonable_python(value), default_flow_style=True).strip().removesuffix("...").strip()
             lines.append(f"{pad}{name}: {rendered}{comment}")
 
 

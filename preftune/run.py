@@ -18,6 +18,7 @@ from preftune.methods import DataShape
 from preftune.model.loading import load_model, load_tokenizer
 from preftune.model.lora import apply_lora, is_lora
 from preftune.model.precision import base_weight_dtypes, resolve_base_dtype, store_frozen_linears
+from preftune.online.reward_model import build_reward_model
 from preftune.train.run_dir import check_output_dir
 from preftune.train.setup import assemble
 from preftune.train.trainer import Trainer, TrainResult
@@ -30,24 +31,35 @@ def build_trainer(config: RunConfig, *, console: Console | None = None) -> Train
     check_output_dir(config)
     settings = config.model
     tokenizer = load_tokenizer(settings.name_or_path, trust_remote_code=settings.trust_remote_code)
-    paired = config.method_spec.data_shape is DataShape.PAIRED
-    data = prepare_examples(config.data, tokenizer, seed=config.training.seed, paired=paired)
-    if PartialState(cpu=not torch.cuda.is_available()).is_main_process:
-        console.print(escape(data.summary()))
-    state = PartialState(cpu=not torch.cuda.is_available())
-    base_dtype = resolve_base_dtype(settings.dtype, lora=settings.lora is not None, device=state.device)
-    # Loaded in fp32, then only the frozen decoder linears go low: adapters, norms and LM head stay fp32.
-    model = load_model(
-        settings.name_or_path, dtype="float32", trust_remote_code=settings.trust_remote_code,
-        allow_pickle=settings.allow_pickle,
+    shape = config.method_spec.data_shape
+    data = prepare_examples(
+        config.data, tokenizer, seed=config.training.seed, paired=shape is DataShape.PAIRED, prompts=shape is DataShape.PROMPTS
     )
-    store_frozen_linears(model, base_dtype)
-    if settings.lora is not None:
-        lora = settings.lora
-        # The adapter's random init must be the same in every process and every run of this config.
-        set_seed(config.training.seed)
-        model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if state.is_main_process:
+        console.print(escape(data.summary()))
+    if config.method_spec.model_kind == "reward_model":
+        # A scalar head on the LM; LoRA adapters (and the head in full) when model.lora is set. Kept in fp32.
+        base_dtype = "float32"
+        model = build_reward_model(settings.name_or_path, tokenizer, dtype=base_dtype, lora=settings.lora, seed=config.training.seed)
+    else:
+        base_dtype = resolve_base_dtype(settings.dtype, lora=settings.lora is not None, device=state.device)
+        # Loaded in fp32, then only the frozen decoder linears go low: adapters, norms and LM head stay fp32.
+        model = load_model(
+            settings.name_or_path, dtype="float32", trust_remote_code=settings.trust_remote_code,
+            allow_pickle=settings.allow_pickle,
+        )
+        store_frozen_linears(model, base_dtype)
+        if settings.lora is not None:
+            lora = settings.lora
+            # The adapter's random init must be the same in every process and every run of this config.
+            set_seed(config.training.seed)
+            model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
     longest = max((len(e.prompt_ids) + sum(map(len, e.answer_ids)) for e in data.train), default=None)
+    generation = getattr(config.method, "generation", None)
+    if generation is not None and longest is not None:
+        # Online methods pack a prompt with every completion they generate for it.
+        longest += getattr(config.method, "num_generations", 1) * generation.max_new_tokens
     parts = assemble(config, policy=model, train_examples=len(data.train), longest_example=longest)
     trainer = Trainer(config, parts, tokenizer=tokenizer, data=data, console=console)
     # Recorded in run.json beside the identity (resume compares only the config hash and data fingerprint).

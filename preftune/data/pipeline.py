@@ -3,7 +3,7 @@
 Paired methods get pairs (`TokenizedExample`s with 2 answers: chosen, rejected); unpaired ones
 (KTO) get examples with 1 labelled answer, from an unpaired file or from a paired one split into
 chosen/rejected examples after the train/validation split (so the two answers of one pair never
-straddle it).
+straddle it). Online methods get prompts alone (K = 0), from a prompt-only file or a paired one's prompts.
 
 Evidence about the data rides along (`PreparedData.mix`, `.balance`, `.audit`, `.warnings`, all in
 `summary()`): the human/synthetic mix of `data.sources` or of the records' own provenance
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from preftune.data.audit import BalanceReport, DataAudit, audit_records, length_balance
-from preftune.data.formats import FORMAT_KINDS, PAIRED, UNPAIRED, load_examples
+from preftune.data.formats import FORMAT_KINDS, PAIRED, PROMPT_ONLY, UNPAIRED, load_examples
 from preftune.data.kto import as_unpaired
 from preftune.data.mixing import MixReport, SourceGroup, groups_by_provenance, mix_sources
 from preftune.data.records import Example, LoadReport, TokenizedExample
@@ -72,8 +72,9 @@ class PreparedData:
         return {**evidence, "warnings": self.warnings} if self.warnings else evidence
 
 
-def prepare_examples(data_settings, tokenizer, *, seed: int, paired: bool) -> PreparedData:
-    """The train and validation examples a method needs: pairs when `paired`, unpaired (labelled) examples otherwise.
+def prepare_examples(data_settings, tokenizer, *, seed: int, paired: bool, prompts: bool = False) -> PreparedData:
+    """The train and validation examples a method needs: pairs when `paired`, prompts alone (K = 0) when
+    `prompts`, unpaired (labelled) examples otherwise.
 
     load (the train file, or the `data.sources` mixed) → split (or a validation file) → cap the
     counts → length-balance and audit the training split → unpair (KTO) → tokenise.
@@ -81,8 +82,10 @@ def prepare_examples(data_settings, tokenizer, *, seed: int, paired: bool) -> Pr
     """
     forced = data_settings.format
     if paired and forced != "auto" and FORMAT_KINDS[forced] != PAIRED:
-        raise ConfigError(f"data.format: {forced} (unpaired records) trains only with `method.loss_type: kto`")
-    accept = (PAIRED,) if paired else (PAIRED, UNPAIRED)
+        raise ConfigError(f"data.format: {forced} ({FORMAT_KINDS[forced]} records) does not train a paired method")
+    if prompts and forced != "auto" and FORMAT_KINDS[forced] == UNPAIRED:
+        raise ConfigError(f"data.format: {forced} (unpaired records) does not give prompts: use a prompts or paired file")
+    accept = (PAIRED,) if paired else (PAIRED, PROMPT_ONLY) if prompts else (PAIRED, UNPAIRED)
     options = dict(
         format=forced,
         tokenizer=tokenizer,
@@ -99,8 +102,12 @@ def prepare_examples(data_settings, tokenizer, *, seed: int, paired: bool) -> Pr
         reports.append(validation_report)
     train_items = train_items[: data_settings.max_train_samples]
     validation_items = validation_items[: data_settings.max_validation_samples]
-    train_items, balance, audit = _balance_and_audit(data_settings, train_items, train_format, tokenizer=tokenizer, seed=seed)
-    if not paired:
+    balance, audit = None, None
+    if prompts:  # a paired file is a prompt source: its answers are dropped (and there are no pairs to audit)
+        train_items, validation_items = _prompts_only(train_items), _prompts_only(validation_items)
+    else:
+        train_items, balance, audit = _balance_and_audit(data_settings, train_items, train_format, tokenizer=tokenizer, seed=seed)
+    if not paired and not prompts:
         train_items = as_unpaired(train_items, train_format)
         validation_items = as_unpaired(validation_items, reports[-1].format)
 
@@ -109,7 +116,7 @@ def prepare_examples(data_settings, tokenizer, *, seed: int, paired: bool) -> Pr
     )
     train, train_tokens = tokenize_examples(train_items, tokenizer, **lengths)
     validation, validation_tokens = tokenize_examples(validation_items, tokenizer, **lengths)
-    unit = "pairs" if paired else "unpaired examples"
+    unit = "pairs" if paired else "prompts" if prompts else "unpaired examples"
     if not train:
         where = _training_files(data_settings)
         raise DataError(f"no usable training {unit} in {where}: {reports[0].summary()}; {train_tokens.summary()}")
@@ -204,3 +211,7 @@ def _balance_and_audit(
             raise ConfigError("data.length_balance balances pairs; this training file holds unpaired records")
         train_items, balance = length_balance(train_items, tokenizer, seed=seed)
     return train_items, balance, audit_records(train_items, tokenizer)
+
+
+def _prompts_only(examples: list[Example]) -> list[Example]:
+    return [Example(example.prompt, (), provenance=example.provenance, origin=example.origin) for example in examples]

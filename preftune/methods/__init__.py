@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from preftune.errors import ConfigError
-from preftune.methods import contrastive_cpo, cpo, dpo, hinge, ipo, kto, orpo, robust, sft, simpo
+from preftune.methods import contrastive_cpo, cpo, dpo, grpo, hinge, ipo, kto, orpo, ppo, reward_model, robust, sft, simpo
 from preftune.methods.base import DataShape, Method, MethodSettings, PairLogps, UnpairedLogps
 
 _METHODS: list[Method] = [
     dpo.METHOD, ipo.METHOD, hinge.METHOD, robust.METHOD, simpo.METHOD, orpo.METHOD, kto.METHOD, sft.METHOD,
-    cpo.METHOD, contrastive_cpo.METHOD,
+    cpo.METHOD, contrastive_cpo.METHOD, grpo.METHOD, ppo.METHOD, reward_model.METHOD,
 ]
 METHODS: dict[str, Method] = {method.name: method for method in _METHODS}
 # `cpo` is preftune's CONSTRAINED DPO; TRL's contrastive CPO is `contrastive_cpo` (docs/CPO.md).

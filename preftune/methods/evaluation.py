@@ -44,8 +44,8 @@ def evaluate_examples(
         batch = layout.collate(chunk, pad_id=pad_id).to(device)
         policy_raw = policy_logps(batch)
         reference_raw = reference_logps(batch) if reference_logps is not None else None
-        policy = layout.split(policy_raw, chunk)
-        reference = layout.split(reference_raw, chunk) if reference_raw is not None else None
+        policy = layout.split(policy_raw, chunk, batch)
+        reference = layout.split(reference_raw, chunk, batch) if reference_raw is not None else None
         output = loss(policy, reference, **loss_inputs)
         per_example = {"loss": output.losses, **output.metrics}
         per_example = {key: value.detach().float().cpu().tolist() for key, value in per_example.items()}

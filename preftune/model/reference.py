@@ -33,11 +33,11 @@ class ReferenceModel:
         return self._view()
 
     @torch.no_grad()
-    def logps(self, batch: PackedBatch) -> SequenceLogps:
+    def logps(self, batch: PackedBatch, *, per_token: bool = False) -> SequenceLogps:
         was_training = self.model.training
         self.model.eval()
         try:
             with self.view():
-                return sequence_logps(self.model, batch, chunk_size=self.chunk_size)
+                return sequence_logps(self.model, batch, chunk_size=self.chunk_size, per_token=per_token)
         finally:
             self.model.train(was_training)

@@ -19,7 +19,7 @@ from preftune.control import AlertSettings, Controller, LossScaleAlert, NonFinit
 from preftune.errors import ConfigError, PreftuneError
 from preftune.logprobs.cache import ReferenceLogpsCache, open_reference_cache
 from preftune.methods import DataShape, Method
-from preftune.methods.base import ExampleLayout, Loss
+from preftune.methods.base import ExampleLayout, Loss, Rollout
 from preftune.model.memory import MemoryPlan, default_memory_budget_bytes, estimate_activation_bytes, plan_gradient_checkpointing
 from preftune.model.reference import ReferenceModel
 
@@ -29,6 +29,7 @@ class TrainingParts:
     method: Method
     loss: Loss
     layout: ExampleLayout
+    rollout: Rollout | None  # online methods: prompts -> generated, scored GROUP examples, before collate
     accelerator: Accelerator
     policy: torch.nn.Module
     reference: ReferenceModel | None
@@ -94,15 +95,18 @@ def assemble(
             f"(got {training.per_device_train_batch_size})"
         )
     policy = policy.to(accelerator.device)
+    if method.attach_heads is not None:
+        method.attach_heads(policy, config.method, training.seed)
     policy.train()
     memory = memory_plan(config, policy, longest_example=longest_example, device=accelerator.device)
     if memory.gradient_checkpointing:
         # Non-reentrant: gradients reach the LoRA weights without making the inputs require grad. Only
         # training-mode forwards recompute; the reference (eval mode, no_grad) runs as before.
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    reference = ReferenceModel(policy, chunk_size=training.logprob_chunk_size) if method.needs_reference else None
+    reference = ReferenceModel(policy, chunk_size=training.logprob_chunk_size) if method.uses_reference(config.method) else None
     reference_cache = None
-    if reference is not None and training.reference_cache:
+    # Generated completions are new every step: nothing to gain from caching their reference log-probs.
+    if reference is not None and training.reference_cache and method.build_rollout is None:
         reference_cache = open_reference_cache(
             reference.model, root=training.reference_cache_dir, mixed_precision=training.mixed_precision
         )
@@ -129,6 +133,7 @@ def assemble(
         method=method,
         loss=method.build_loss(config.method),
         layout=method.layout,
+        rollout=method.build_rollout(config.method) if method.build_rollout is not None else None,
         accelerator=accelerator,
         policy=policy,
         reference=reference,

@@ -35,6 +35,7 @@ from preftune.data.collate import PackedBatch
 from preftune.errors import CheckpointError, TrainingInterrupted
 from preftune.logprobs import SequenceLogps, sequence_logps
 from preftune.losses import LossOutput
+from preftune.methods.base import RolloutContext
 from preftune.methods.evaluation import evaluate_examples, summarize_evaluation
 from preftune.model.export import save_adapter, save_merged
 from preftune.train import run_dir as run_folder
@@ -70,6 +71,7 @@ class Trainer:
         self.method = parts.method
         self.loss = parts.loss
         self.layout = parts.layout
+        self.rollout = parts.rollout
         self.accelerator = parts.accelerator
         self.policy = parts.policy
         self.reference = parts.reference
@@ -114,7 +116,16 @@ class Trainer:
     # ---- log-probs and loss -----------------------------------------------------------------
     def policy_logps(self, batch: PackedBatch) -> SequenceLogps:
         with self.accelerator.autocast():
-            return sequence_logps(self.policy, batch, chunk_size=self.training.logprob_chunk_size)
+            if self.layout.forward is not None:  # e.g. a reward model's scalar head instead of the engine
+                return self.layout.forward(self.policy, batch)
+            return sequence_logps(self.policy, batch, chunk_size=self.training.logprob_chunk_size, per_token=self.layout.per_token)
+
+    @torch.no_grad()
+    def _rollout_policy_logps(self, batch: PackedBatch) -> SequenceLogps:
+        return self.policy_logps(batch.to(self.accelerator.device))
+
+    def _rollout_reference_logps(self, batch: PackedBatch) -> SequenceLogps:
+        return self.reference_logps(batch.to(self.accelerator.device))
 
     def reference_logps(self, batch: PackedBatch) -> SequenceLogps:
         if self.reference_cache is not None:
@@ -123,7 +134,7 @@ class Trainer:
 
     def _compute_reference_logps(self, batch: PackedBatch) -> SequenceLogps:
         with self.accelerator.autocast():
-            return self.reference.logps(batch)
+            return self.reference.logps(batch, per_token=self.layout.per_token)
 
     def loss_inputs(self) -> dict[str, Any]:
         inputs: dict[str, Any] = {}
@@ -133,8 +144,8 @@ class Trainer:
 
     def micro_batch_loss(self, examples: list) -> LossOutput:
         batch = self.layout.collate(examples, pad_id=self.pad_id).to(self.accelerator.device)
-        reference = self.layout.split(self.reference_logps(batch), examples) if self.reference is not None else None
-        policy = self.layout.split(self.policy_logps(batch), examples)
+        reference = self.layout.split(self.reference_logps(batch), examples, batch) if self.reference is not None else None
+        policy = self.layout.split(self.policy_logps(batch), examples, batch)
         return self.loss(policy, reference, **self.loss_inputs())
 
     # ---- one optimiser step -----------------------------------------------------------------
@@ -143,8 +154,10 @@ class Trainer:
         let the controllers veto a non-finite update, then step."""
         examples_in_step = sum(len(indices) for indices in micro_batches)
         sums: dict[str, torch.Tensor] = {}
-        for indices in micro_batches:
-            shard = [self.data.train[i] for i in self._local_shard(indices)]
+        shards = [[self.data.train[i] for i in self._local_shard(indices)] for indices in micro_batches]
+        if self.rollout is not None:  # online methods: generate and score the answers of the whole step first
+            shards = self.rollout(self._rollout_context(evaluation=False), shards)
+        for shard in shards:
             if not shard:
                 continue
             output = self.micro_batch_loss(shard)
@@ -193,6 +206,13 @@ class Trainer:
         for group, scheduled in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
             group["lr"] = scheduled * self.state.lr_scale
 
+    def _rollout_context(self, *, evaluation: bool) -> RolloutContext:
+        return RolloutContext(
+            policy=self.policy, tokenizer=self.tokenizer, step=self.state.global_step, seed=self.training.seed,
+            evaluation=evaluation, policy_logps=self._rollout_policy_logps, pad_id=self.pad_id,
+            reference_logps=self._rollout_reference_logps if self.reference is not None else None, inputs=self.loss_inputs(),
+        )
+
     # ---- controllers ------------------------------------------------------------------------
     def _context(self, metrics: dict[str, float] | None = None) -> StepContext:
         return StepContext(
@@ -232,8 +252,11 @@ class Trainer:
         was_training = self.policy.training
         self.policy.eval()
         try:
+            shard = examples[rank::world]
+            if self.rollout is not None and shard:  # online methods are evaluated on answers generated for the prompts
+                (shard,) = self.rollout(self._rollout_context(evaluation=True), [shard])
             local = evaluate_examples(
-                examples[rank::world],
+                shard,
                 loss=self.loss,
                 loss_inputs=self.loss_inputs(),
                 layout=self.layout,
@@ -351,8 +374,10 @@ class Trainer:
                 with self._progress() as (progress, task):
                     while self.state.global_step < self.total_steps:
                         metrics = self._train_one_step()
-                        accuracy = metrics.get("rewards/accuracies", float("nan"))
-                        progress.update(task, advance=1, description=f"loss {metrics['loss']:.4f}  acc {accuracy:.2f}")
+                        shown = f"reward {metrics['reward']:.3f}" if "reward" in metrics else (
+                            f"acc {metrics.get('rewards/accuracies', float('nan')):.2f}"
+                        )
+                        progress.update(task, advance=1, description=f"loss {metrics['loss']:.4f}  {shown}")
                         self._after_step()
                 train_seconds = time.perf_counter() - started
                 if self.data.validation and not self._evaluated_at(self.state.global_step):
@@ -428,11 +453,14 @@ class Trainer:
         self._log(summary)
         accuracy = summary.get("eval/rewards/accuracies")
         shown = f"accuracy {accuracy:.3f}  " if accuracy is not None else ""
-        self.console.print(
-            f"[cyan]eval @ step {self.state.global_step}[/]: loss {summary['eval/loss']:.4f}  {shown}"
-            f"margin {summary.get('eval/rewards/margins', float('nan')):+.4f}  "
-            f"negative margins {summary.get('eval/negative_margin_fraction', float('nan')):.1%}"
-        )
+        if "eval/reward" in summary:  # online methods: the reward of answers generated for the validation prompts
+            shown += f"reward {summary['eval/reward']:.4f}  "
+        if "eval/rewards/margins" in summary:
+            shown += (
+                f"margin {summary['eval/rewards/margins']:+.4f}  "
+                f"negative margins {summary.get('eval/negative_margin_fraction', float('nan')):.1%}"
+            )
+        self.console.print(f"[cyan]eval @ step {self.state.global_step}[/]: loss {summary['eval/loss']:.4f}  {shown}")
         return summary
 
     def _log(self, metrics: dict[str, float]) -> None:
@@ -471,8 +499,11 @@ class Trainer:
 
     def export(self) -> None:
         final = self.run_dir / runfolder.FINAL
-        save_adapter(self.policy, self.tokenizer, final / "adapter")
-        save_merged(self.policy, self.tokenizer, final / "merged")
+        if self.method.export is not None:
+            self.method.export(self.policy, self.tokenizer, final)
+        else:
+            save_adapter(self.policy, self.tokenizer, final / "adapter")
+            save_merged(self.policy, self.tokenizer, final / "merged")
         states = {c.name: c.state_dict() for c in self.controllers}
         atomic_write_json(self.run_dir / runfolder.CONTROLLERS, states)
         for controller in self.controllers:

@@ -1,0 +1,85 @@
+"""PPO through the one training loop: a value head on the policy, the KL coefficient as a checkpointed controller,
+GAE advantages from the rollout, and a rule reward that rises."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from preftune import runfolder
+from preftune.config import validate_config
+from preftune.methods.base import GroupLogps
+from preftune.methods.ppo import VALUE_HEAD, PPOLoss, PPOSample, PPOSettings
+from preftune.run import build_trainer
+from tests.support import save_tiny_model, tiny_run_config
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+def _config(run_dir, model_dir, method, **training):
+    config = tiny_run_config(
+        run_dir, model_dir, model={"name_or_path": str(model_dir), "lora": None},
+        data={"max_train_samples": 64, "max_validation_samples": 4, "max_prompt_length": 32, "max_length": 64},
+        training={"per_device_train_batch_size": 16, "learning_rate": 2e-2, "logging_steps": 1, **training},
+    )
+    raw = config.model_dump(mode="json")
+    raw["method"] = {"loss_type": "ppo", "generation": {"max_new_tokens": 8},
+                     "rewards": [{"function": "contains", "text": "k"}], **method}
+    return validate_config(raw)
+
+
+def test_the_clipped_losses_match_a_hand_calculation():
+    settings = PPOSettings(loss_type="ppo", clip_range=0.2, value_clip_range=0.2, value_coef=0.5)
+    sample = PPOSample([1], ([5, 6],), scores=(1.0,), old_logps=(-1.0, -1.0), old_values=(0.0, 0.0),
+                       advantages=(1.0, -1.0), returns=(1.0, 0.0))
+    logps = torch.tensor([[[-0.5, -1.0]]])  # ρ = e^0.5 ≈ 1.649 (clipped to 1.2 for A = +1), 1
+    values = torch.tensor([[[0.5, 0.0]]])  # clipped to 0.2: max((0.5−1)², (0.2−1)²) = 0.64
+    output = PPOLoss(settings)(GroupLogps(logps, torch.ones(1, 1, 2), None, [sample], values), None)
+    policy = (-1.2 + 1.0) / 2  # token 1: max(−1.649, −1.2) = −1.2; token 2: max(1, 1) = 1
+    value = 0.5 * (0.64 + 0.0) / 2
+    torch.testing.assert_close(output.losses, torch.tensor([policy + 0.5 * value]))
+    assert output.metrics["policy/clip_fraction"].item() == 0.5
+
+
+def test_ppo_raises_the_reward_with_a_value_head_and_a_checkpointed_kl_controller(tmp_path, model_dir):
+    run_dir = tmp_path / "run"
+    trainer = build_trainer(_config(run_dir, model_dir, {"kl_coef": 0.01, "adaptive_kl": True, "target_kl": 0.5, "kl_horizon": 100,
+                                                         "ppo_epochs": 2}, max_steps=30, eval_steps=30))
+    assert any(name.startswith(VALUE_HEAD) for name, p in trainer.policy.named_parameters() if p.requires_grad)
+    trainer.train()
+    rows = [row for row in runfolder.read_jsonl(run_dir / runfolder.METRICS) if "loss" in row]
+    rewards = [row["reward"] for row in rows]
+    assert sum(rewards[:4]) / 4 < 0.5 and sum(rewards[-6:]) / 6 > sum(rewards[:4]) / 4 + 0.3, rewards
+    assert rows[0]["reward"] == rows[1]["reward"]  # ppo_epochs 2: one rollout, two updates
+    assert rows[0]["kl_coef"] != rows[-1]["kl_coef"]  # the adaptive coefficient moved
+    state = json.loads((run_dir / runfolder.CONTROLLERS).read_text(encoding="utf-8"))["kl_coefficient"]
+    assert state["kind"] == "adaptive" and state["value"] == rows[-1]["kl_coef"]
+    assert runfolder.evaluation_steps(run_dir) == [0, 30]
+    assert all("reward" in row for row in runfolder.read_jsonl(runfolder.evaluation_path(run_dir, 30)))
+
+
+def test_after_a_crash_and_resume_ppo_equals_a_straight_run(tmp_path, model_dir):
+    from tests.test_run_folder import CrashAt
+
+    method = {"kl_coef": 0.05, "adaptive_kl": True, "target_kl": 0.5, "kl_horizon": 100, "ppo_epochs": 2}
+    training = {"max_steps": 4, "save_steps": 2, "eval_steps": 2, "per_device_train_batch_size": 4}
+    build_trainer(_config(tmp_path / "straight", model_dir, method, **training)).train()
+    crashed = build_trainer(_config(tmp_path / "resumed", model_dir, method, **training))
+    crashed.controllers.append(CrashAt(3))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashed.train()
+    resumed = _config(tmp_path / "resumed", model_dir, method, **training).model_copy(update={"resume_from": "latest"})
+    build_trainer(resumed).train()
+
+    def rows(run_dir):
+        return [{k: v for k, v in row.items() if k not in ("time", "pairs_per_second")}
+                for row in runfolder.read_jsonl(run_dir / runfolder.METRICS)]
+
+    assert rows(tmp_path / "resumed") == rows(tmp_path / "straight")
+    assert ((tmp_path / "resumed" / runfolder.CONTROLLERS).read_bytes()
+            == (tmp_path / "straight" / runfolder.CONTROLLERS).read_bytes())
