@@ -25,8 +25,7 @@ class StepContext:
 
     `lr_scale` multiplies the learning-rate schedule (the loop applies it on top of the scheduler
     before every optimiser step). A controller sets `skip_step` in `before_step` to drop a step's
-    update, and `request_checkpoint` / `request_stop` to ask the loop for a checkpoint or a stop at
-    the end of the step.
+    update.
     """
 
     step: int  # optimiser steps completed
@@ -36,8 +35,6 @@ class StepContext:
     lr_scale: float = 1.0
     alert: AlertSink = lambda kind, message, **details: None
     skip_step: bool = False
-    request_checkpoint: bool = False
-    request_stop: bool = False
 
 
 class Controller:
