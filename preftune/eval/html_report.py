@@ -391,7 +391,7 @@ def alerts_section(records: RunRecords, judged: Sequence[Alert]) -> ReportSectio
         lines += _alert_lines(row)
     if not records.alerts:
         lines.append("- none")
-    lines += ["", "Judged again on the finished metric streams:", ""]
+    lines += ["", "Judged again on the finished metric streams (kinds not already raised during training):", ""]
     for alert in judged:
         lines += _alert_lines(alert.to_row())
     if not judged:
@@ -518,7 +518,13 @@ def render_html(title: str, sections: Sequence[ReportSection]) -> str:
 
 def build_sections(records: RunRecords) -> list[ReportSection]:
     table = judge_before_after(records)
-    judged_alerts = evaluate_alerts(records.metrics, alert_settings(records), evaluations=records.evaluations)
+    # Training runs the same rules as it goes (TrainingAlerts): judged again here are only the kinds it did not
+    # raise — what a run with alerts off, an eval-only folder or the per-example reference check can still show.
+    raised = {row.get("kind") for row in records.alerts}
+    judged_alerts = [
+        alert for alert in evaluate_alerts(records.metrics, alert_settings(records), evaluations=records.evaluations)
+        if alert.kind not in raised
+    ]
     sections = [
         verdict_section(records, table, judged_alerts),
         config_section(records),
