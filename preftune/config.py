@@ -26,18 +26,17 @@ from preftune.settings import Section
 logger = logging.getLogger(__name__)
 
 
-_Section = Section
 DEFAULT_METHOD = "sigmoid"
 
 
-class LoraSettings(_Section):
+class LoraSettings(Section):
     r: int = Field(16, ge=1)
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
 
 
-class ModelSettings(_Section):
+class ModelSettings(Section):
     name_or_path: str = Field("smollm2-135m", description="embedded model name or a local Hugging Face folder")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
@@ -63,7 +62,7 @@ class ModelSettings(_Section):
         return self
 
 
-class SourceSpec(_Section):
+class SourceSpec(Section):
     """One training file of a human/synthetic mix (`data.sources`); see preftune/data/mixing.py."""
 
     path: str = Field(description="a JSONL/JSON/Parquet file of pairs, or an embedded dataset 'name:split'")
@@ -71,7 +70,7 @@ class SourceSpec(_Section):
     weight: float = Field(1.0, gt=0.0, le=1.0, description="fraction of this file to use (seeded subsample); 1 = all of it")
 
 
-class DataSettings(_Section):
+class DataSettings(Section):
     train_file: str | None = Field(
         "hh-rlhf-harmless:train", description="a JSONL/JSON/Parquet file, or an embedded dataset 'name:split'; null with data.sources"
     )
@@ -135,7 +134,7 @@ class DataSettings(_Section):
         return self
 
 
-class TrainingSettings(_Section):
+class TrainingSettings(Section):
     learning_rate: float = Field(5e-5, gt=0.0)
     per_device_train_batch_size: int = Field(8, ge=1)
     per_device_eval_batch_size: int = Field(8, ge=1)
@@ -183,7 +182,7 @@ class MonitoringSettings(AlertSettings):
     alerts: bool = Field(True, description="run the alert rules after every evaluation; alerts go to alerts.jsonl")
 
 
-class ProbeSettings(_Section):
+class ProbeSettings(Section):
     """Probes scored under the reference and the trained policy at the end of training (probes.json, in the report)."""
 
     file: str | None = Field(
@@ -192,7 +191,7 @@ class ProbeSettings(_Section):
     max_length: int = Field(512, ge=8, description="prompt + answer tokens per probe sequence")
 
 
-class RunConfig(_Section):
+class RunConfig(Section):
     output_dir: str = "runs/preftune"
     resume_from: str | None = Field(None, description="a checkpoint folder, or 'latest' in output_dir")
     overwrite_output_dir: bool = False

@@ -197,6 +197,28 @@ class RolloutContext:
 Rollout = Callable[[RolloutContext, list[list[Any]]], list[list[Any]]]
 
 
+class RolloutReuse:
+    """One training rollout serves `every` consecutive steps (GRPO's num_iterations, PPO's ppo_epochs):
+    the first step of each block generates, the others reuse it. Validation rollouts are never reused."""
+
+    def __init__(self, every: int):
+        self.every = every
+        self._kept: tuple[int, Any] | None = None
+
+    def block(self, step: int) -> int:
+        """The step that generated (or will generate) the rollout `step` trains on; it also seeds it."""
+        return step - step % self.every
+
+    def reused(self, context: RolloutContext) -> Any | None:
+        if context.evaluation or self._kept is None or self._kept[0] != self.block(context.step):
+            return None
+        return self._kept[1]
+
+    def keep(self, context: RolloutContext, rollout: Any) -> None:
+        if not context.evaluation and self.every > 1:
+            self._kept = (self.block(context.step), rollout)
+
+
 @dataclass(frozen=True)
 class Method:
     """A method = a loss plus what it needs. The loop knows methods only through this."""

@@ -33,7 +33,9 @@ from preftune.data.records import TokenizedExample
 from preftune.losses import LossOutput
 from preftune.losses.aggregation import masked_mean, masked_sum
 from preftune.losses.grpo import grpo_loss, k3_kl
-from preftune.methods.base import DataShape, GroupLogps, Method, MethodSettings, RolloutContext, collate_groups, per_token_matrix
+from preftune.methods.base import (
+    DataShape, GroupLogps, Method, MethodSettings, RolloutContext, RolloutReuse, collate_groups, per_token_matrix,
+)
 from preftune.online.advantages import group_advantages
 from preftune.online.generation import GenerationSettings, generate
 from preftune.online.rewards import CombinedReward, RewardTerm, validate_reward_terms
@@ -101,17 +103,16 @@ class GRPORollout:
     def __init__(self, settings: GRPOSettings):
         self.settings = settings
         self.reward = CombinedReward.from_terms(settings.rewards)
-        self._kept: tuple[int, list[list[RolloutGroup]]] | None = None
+        self.reuse = RolloutReuse(settings.num_iterations)
 
     def __call__(self, context: RolloutContext, micro_batches: list[list[Any]]) -> list[list[RolloutGroup]]:
-        iterations = self.settings.num_iterations
-        block = context.step - context.step % iterations
-        if not context.evaluation and self._kept is not None and self._kept[0] == block:
-            return self._kept[1]
+        if (kept := self.reuse.reused(context)) is not None:
+            return kept
+        block = self.reuse.block(context.step)
         groups = self._generate(context, micro_batches, seed=rollout_seed(context.seed, block, context.evaluation))
-        if iterations > 1 and not context.evaluation:
+        if self.settings.num_iterations > 1 and not context.evaluation:
             groups = [self._with_old_logps(context, batch) for batch in groups]
-            self._kept = (block, groups)
+        self.reuse.keep(context, groups)
         return groups
 
     def _generate(self, context: RolloutContext, micro_batches: list[list[Any]], *, seed: int) -> list[list[RolloutGroup]]:

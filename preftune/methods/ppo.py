@@ -31,8 +31,8 @@ from preftune.logprobs import SequenceLogps, sequence_logps
 from preftune.losses import LossOutput
 from preftune.losses.aggregation import masked_mean
 from preftune.methods.base import (
-    LAYOUTS, DataShape, ExampleLayout, GroupLogps, Method, MethodSettings, RolloutContext, collate_groups, per_token_matrix,
-    token_matrix,
+    LAYOUTS, DataShape, ExampleLayout, GroupLogps, Method, MethodSettings, RolloutContext, RolloutReuse, collate_groups,
+    per_token_matrix, token_matrix,
 )
 from preftune.methods.grpo import rollout_seed
 from preftune.online.advantages import gae, reward_at_last_token
@@ -138,13 +138,12 @@ class PPORollout:
     def __init__(self, settings: PPOSettings):
         self.settings = settings
         self.reward = CombinedReward.from_terms(settings.rewards)
-        self._kept: tuple[int, list[list[PPOSample]]] | None = None
+        self.reuse = RolloutReuse(settings.ppo_epochs)
 
     def __call__(self, context: RolloutContext, micro_batches: list[list[Any]]) -> list[list[PPOSample]]:
-        epochs = self.settings.ppo_epochs
-        block = context.step - context.step % epochs
-        if not context.evaluation and self._kept is not None and self._kept[0] == block:
-            return self._kept[1]
+        if (kept := self.reuse.reused(context)) is not None:
+            return kept
+        block = self.reuse.block(context.step)
         if context.reference_logps is None:
             raise ValueError("PPO's KL penalty needs the reference")
         flat = [example for batch in micro_batches for example in batch]
@@ -183,8 +182,7 @@ class PPORollout:
                     advantages=tuple(advantages[e, :n].tolist()), returns=tuple(returns[e, :n].tolist()), kl=float(kl[e].item()),
                 ))
             result.append(rows)
-        if epochs > 1 and not context.evaluation:
-            self._kept = (block, result)
+        self.reuse.keep(context, result)
         return result
 
     def _advantages(self, context: RolloutContext, batch: list[PPOSample], beta: float):
