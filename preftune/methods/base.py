@@ -220,6 +220,23 @@ class RolloutReuse:
 
 
 @dataclass(frozen=True)
+class ProjectionSpec:
+    """A projection step toward the feasible region, run by the loop right after each optimiser step.
+
+    Up to `steps` plain-SGD steps θ ← θ − lr · ∇ mean_i penalty_i on the trainable parameters (the
+    optimiser's moments untouched), on the same micro-batches as the optimiser step, stopping as soon
+    as no example of the step is `violated`. Both functions take the shape's log-probs of the policy
+    and of the reference (e.g. `PairLogps`): `penalty` returns [examples] (differentiable, 0 on a
+    feasible example), `violated` returns [examples] bool.
+    """
+
+    steps: int
+    lr: float
+    penalty: Callable[[Any, Any], torch.Tensor]
+    violated: Callable[[Any, Any], torch.Tensor]
+
+
+@dataclass(frozen=True)
 class Method:
     """A method = a loss plus what it needs. The loop knows methods only through this."""
 
@@ -243,6 +260,8 @@ class Method:
     # Examples each micro-batch needs at least (KTO estimates its KL baseline from the other examples).
     min_batch_size: int = 1
     controllers: Callable[[Any], list[Controller]] = lambda settings: []
+    # settings -> the projection step the loop runs after each optimiser step, or None (CPO's projection_steps).
+    projection: Callable[[Any], ProjectionSpec | None] = lambda settings: None
     # The report section this method (and its controllers) add, read from the run folder alone:
     # (title, markdown lines), and the curves drawn under it.
     report_section: Callable[[RunRecords], tuple[str, list[str]] | None] | None = None

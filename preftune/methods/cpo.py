@@ -12,8 +12,8 @@ from pydantic import Field, model_validator
 
 from preftune.control import Controller, LRReductionOnAlert
 from preftune.losses import LossOutput
-from preftune.losses.cpo import constrained_dpo_loss
-from preftune.methods.base import BetaSettings, Method, PairLogps, ReportCurve
+from preftune.losses.cpo import constrained_dpo_loss, margin_hinge
+from preftune.methods.base import BetaSettings, Method, PairLogps, ProjectionSpec, ReportCurve
 from preftune.methods.lagrangian import LagrangianController
 from preftune.runfolder import RunRecords
 from preftune.settings import Section
@@ -42,6 +42,28 @@ class ConstraintSettings(Section):
     )
     patience: int = Field(3, ge=1, description="evaluations in a row above violation_alert before the LR is lowered")
     lr_reduction: float = Field(0.2, gt=0.0, lt=1.0, description="fraction the learning rate is lowered by")
+
+    # --- chosen-likelihood anchor: a second constraint with its own multiplier μ (docs/CPO.md) ---
+    chosen_anchor: bool = Field(
+        False, description="add the constraint mean log πθ(chosen) ≥ mean log πref(chosen) − anchor_tolerance, with multiplier μ"
+    )
+    anchor_tolerance: float = Field(0.0, ge=0.0, description="per-token nats the chosen answer's mean log-prob may fall below the reference's")
+    anchor_lr: float = Field(0.01, ge=0.0, description="μ's dual step size: μ += anchor_lr · (mean anchor hinge − anchor_slack)")
+    anchor_slack: float = Field(
+        0.001, ge=0.0, description="mean anchor hinge (per-token nats) tolerated before μ rises; below it μ falls back toward 0"
+    )
+    anchor_max: float = Field(10.0, gt=0.0, description="upper clamp of μ (its step is clipped by lambda_step_clip)")
+
+    # --- λ warm-up ---
+    lambda_warmup_steps: int = Field(
+        0, ge=0, description="the λ handed to the loss is scaled from 0 to 1 over this many optimiser steps; 0 = off"
+    )
+
+    # --- projection step back toward the feasible region (docs/CPO.md) ---
+    projection_steps: int = Field(
+        0, ge=0, description="after each optimiser step, up to this many SGD steps on the batch's mean hinge alone; 0 = off"
+    )
+    projection_lr: float = Field(1e-3, gt=0.0, description="plain-SGD step size of the projection steps (not scheduled)")
 
     @model_validator(mode="after")
     def _lambda_in_range(self) -> ConstraintSettings:
@@ -86,16 +108,56 @@ def constraint_margin(policy: PairLogps, reference: PairLogps, *, length_normali
 class ConstrainedDPOLoss:
     settings: CPOSettings
 
-    def __call__(self, policy: PairLogps, reference: PairLogps | None, *, lagrange_multiplier: float) -> LossOutput:
+    def __call__(
+        self, policy: PairLogps, reference: PairLogps | None, *, lagrange_multiplier: float, anchor_multiplier: float = 0.0
+    ) -> LossOutput:
         if reference is None:
             raise ValueError("constrained DPO needs reference log-probs")
         s = self.settings
+        anchor = {}
+        if s.constraints.chosen_anchor:
+            anchor = {
+                "chosen_logp_delta": policy.chosen.mean - reference.chosen.mean,
+                "anchor_multiplier": anchor_multiplier,
+                "anchor_tolerance": s.constraints.anchor_tolerance,
+            }
         return constrained_dpo_loss(
             policy.chosen.sum, policy.rejected.sum, reference.chosen.sum, reference.rejected.sum,
             constraint_margin(policy, reference, length_normalize=s.constraints.length_normalize),
             beta=s.beta, lagrange_multiplier=lagrange_multiplier, threshold=s.constraints.threshold,
-            label_smoothing=s.label_smoothing,
+            label_smoothing=s.label_smoothing, **anchor,
         )
+
+
+@dataclass(frozen=True)
+class MarginConstraint:
+    """The margin constraint m_i ≥ τ on its own, as CPO's projection step descends and tests it."""
+
+    threshold: float
+    length_normalize: bool
+
+    def margin(self, policy: PairLogps, reference: PairLogps):
+        return constraint_margin(policy, reference, length_normalize=self.length_normalize)
+
+    def penalty(self, policy: PairLogps, reference: PairLogps):
+        """relu(τ − m_i) ([pairs]): the violated-constraint term, no DPO term."""
+        return margin_hinge(self.margin(policy, reference), self.threshold)
+
+    def violated(self, policy: PairLogps, reference: PairLogps):
+        """m_i < τ ([pairs] bool)."""
+        return self.margin(policy, reference) < self.threshold
+
+
+def cpo_projection(settings: CPOSettings) -> ProjectionSpec | None:
+    """`projection_steps` SGD steps of `projection_lr` on the batch's mean hinge after each optimiser step; None when 0."""
+    constraints = settings.constraints
+    if constraints.projection_steps == 0:
+        return None
+    constraint = MarginConstraint(constraints.threshold, constraints.length_normalize)
+    return ProjectionSpec(
+        steps=constraints.projection_steps, lr=constraints.projection_lr,
+        penalty=constraint.penalty, violated=constraint.violated,
+    )
 
 
 def cpo_controllers(settings: CPOSettings) -> list[Controller]:
@@ -165,6 +227,7 @@ METHOD = Method(
     settings=CPOSettings,
     build_loss=ConstrainedDPOLoss,
     controllers=cpo_controllers,
+    projection=cpo_projection,
     report_section=cpo_report_section,
     report_curves=(
         ReportCurve("preference (DPO) loss and the whole step loss", ("loss/preference", "loss")),

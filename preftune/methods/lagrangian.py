@@ -8,6 +8,15 @@ mode. λ rises while the constraint is violated more than `constraint_slack` and
 toward 0 once it holds. The loss receives λ as an argument (`loss_inputs`), a constant to autograd.
 In both modes the loss penalises each violating pair by λ·(τ − margin) (preftune/losses/cpo.py);
 the mode only changes the quantity λ follows.
+
+With `chosen_anchor`, the controller also owns μ, the multiplier of the chosen-likelihood anchor
+(preftune/losses/cpo.py), moved by the same kind of step on the mean anchor hinge:
+
+    μ ← clamp(μ + clip(anchor_lr · (a − anchor_slack), ±lambda_step_clip), 0, anchor_max)
+
+With `lambda_warmup_steps` N > 0, the loss of the step after k completed steps receives
+λ · min(1, k / N): 0 on the first step, the full λ from step N + 1 on. The dual variable itself
+moves as without the warm-up; only what the loss is handed is scaled.
 """
 
 from __future__ import annotations
@@ -19,18 +28,39 @@ from preftune.atomic import atomic_write_json
 from preftune.control import Controller, StepContext
 
 MONITORED_METRIC = {"soft": "constraint/hinge", "hard": "constraint/violated"}
+ANCHOR_METRIC = "constraint/anchor_hinge"
 STATE_FILE = "lagrangian_state.json"
+
+
+def projected_dual_step(multiplier: float, violation: float, *, lr: float, slack: float, step_clip: float, maximum: float) -> float:
+    """clamp(multiplier + clip(lr · (violation − slack), ±step_clip), 0, maximum)."""
+    step = max(-step_clip, min(step_clip, lr * (violation - slack)))
+    return max(0.0, min(maximum, multiplier + step))
 
 
 def dual_step(multiplier: float, violation: float, settings) -> float:
     """One projected, clipped dual-ascent step on λ (see the module docstring)."""
-    step = settings.lagrangian_lr * (violation - settings.constraint_slack)
-    step = max(-settings.lambda_step_clip, min(settings.lambda_step_clip, step))
-    return max(0.0, min(settings.lambda_max, multiplier + step))
+    return projected_dual_step(
+        multiplier, violation, lr=settings.lagrangian_lr, slack=settings.constraint_slack,
+        step_clip=settings.lambda_step_clip, maximum=settings.lambda_max,
+    )
+
+
+def anchor_dual_step(multiplier: float, violation: float, settings) -> float:
+    """The same step on the anchor's multiplier μ, with its own rate, slack and maximum."""
+    return projected_dual_step(
+        multiplier, violation, lr=settings.anchor_lr, slack=settings.anchor_slack,
+        step_clip=settings.lambda_step_clip, maximum=settings.anchor_max,
+    )
+
+
+def warmup_scale(steps_done: int, warmup_steps: int) -> float:
+    """min(1, steps_done / warmup_steps); 1 when the warm-up is off (0 steps)."""
+    return 1.0 if warmup_steps <= 0 else min(1.0, steps_done / warmup_steps)
 
 
 class LagrangianController(Controller):
-    """Owns λ and its history; hands λ to the loss through `loss_inputs()`."""
+    """Owns λ (and μ with the anchor) and their history; hands them to the loss through `loss_inputs()`."""
 
     name = "lagrangian"
 
@@ -40,32 +70,61 @@ class LagrangianController(Controller):
         self.monitored = MONITORED_METRIC[settings.mode]
         self.history: list[dict[str, float]] = []  # one entry per optimiser step
         self.multiplier = float(settings.initial_lambda)
+        self.anchor = settings.chosen_anchor
+        self.anchor_multiplier = 0.0  # μ; moves only with chosen_anchor
+        self.steps_done = 0  # optimiser steps completed: what the λ warm-up counts
         self.inactive_alerted = False
 
+    @property
+    def lambda_scale(self) -> float:
+        return warmup_scale(self.steps_done, self.settings.lambda_warmup_steps)
+
     def loss_inputs(self) -> dict[str, Any]:
-        return {"lagrange_multiplier": self.multiplier}
+        inputs: dict[str, Any] = {"lagrange_multiplier": self.multiplier * self.lambda_scale}
+        if self.anchor:
+            inputs["anchor_multiplier"] = self.anchor_multiplier
+        return inputs
+
+    def on_train_start(self, context: StepContext) -> None:
+        self.steps_done = context.step
 
     def on_epoch_start(self, context: StepContext) -> dict[str, float]:
+        metrics = {}
         if self.settings.reset_lambda_each_epoch:
             self.multiplier = float(self.settings.initial_lambda)
-        return {"lagrangian/lambda": self.multiplier}
+            self.anchor_multiplier = 0.0
+        if self.anchor:
+            metrics["lagrangian/anchor_multiplier"] = self.anchor_multiplier
+        return {"lagrangian/lambda": self.multiplier, **metrics}
 
     def on_step_end(self, context: StepContext) -> dict[str, float]:
         # `metrics` are means over every pair of the step (all micro-batches and processes), so every
         # process takes the same step.
         violation = context.metrics[self.monitored]
         used = self.multiplier
+        scale = self.lambda_scale
         self.multiplier = dual_step(used, violation, self.settings)
-        self.history.append(
-            {
-                "step": context.step,
-                "epoch": context.metrics["epoch"],
-                "violation": violation,
-                "lambda_used": used,  # λ the step's loss was computed with
-                "lambda": self.multiplier,  # λ after the dual step, used by the next step
-            }
-        )
-        return {"lagrangian/lambda": self.multiplier, "lagrangian/violation": violation}
+        self.steps_done = context.step
+        entry = {
+            "step": context.step,
+            "epoch": context.metrics["epoch"],
+            "violation": violation,
+            "lambda_used": used,  # λ (the dual variable) when the step's loss was computed
+            "lambda": self.multiplier,  # λ after the dual step, used by the next step
+        }
+        metrics = {"lagrangian/lambda": self.multiplier, "lagrangian/violation": violation}
+        if self.settings.lambda_warmup_steps > 0:
+            entry["lambda_scale"] = scale  # the step's loss received lambda_used · lambda_scale
+            metrics["lagrangian/lambda_scale"] = scale
+        if self.anchor:
+            anchor_violation = context.metrics[ANCHOR_METRIC]
+            entry["anchor_violation"] = anchor_violation
+            entry["anchor_multiplier_used"] = self.anchor_multiplier
+            self.anchor_multiplier = anchor_dual_step(self.anchor_multiplier, anchor_violation, self.settings)
+            entry["anchor_multiplier"] = self.anchor_multiplier
+            metrics["lagrangian/anchor_multiplier"] = self.anchor_multiplier
+        self.history.append(entry)
+        return metrics
 
     def on_evaluate(self, context: StepContext, summary: dict[str, float]) -> None:
         """Say so when the constraint is violated on held-out pairs but λ never moved: the slack swallowed it."""
@@ -84,18 +143,23 @@ class LagrangianController(Controller):
             )
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "inactive_alerted": self.inactive_alerted,
             "lambda": self.multiplier,
             "threshold": self.threshold,
             "monitored_metric": self.monitored,
             "history": list(self.history),
         }
+        if self.anchor:
+            state["anchor_multiplier"] = self.anchor_multiplier
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.multiplier = float(state["lambda"])
         self.history = list(state["history"])
         self.inactive_alerted = bool(state["inactive_alerted"])
+        if self.anchor:
+            self.anchor_multiplier = float(state.get("anchor_multiplier", 0.0))
 
     def export(self, folder: Path) -> None:
         atomic_write_json(folder / STATE_FILE, {**self.state_dict(), "settings": self.settings.model_dump(mode="json")})

@@ -19,7 +19,7 @@ from preftune.control import AlertSettings, Controller, LossScaleAlert, NonFinit
 from preftune.errors import ConfigError, PreftuneError
 from preftune.logprobs.cache import ReferenceLogpsCache, open_reference_cache
 from preftune.methods import DataShape, Method
-from preftune.methods.base import ExampleLayout, Loss, Rollout
+from preftune.methods.base import ExampleLayout, Loss, ProjectionSpec, Rollout
 from preftune.model.memory import MemoryPlan, default_memory_budget_bytes, estimate_activation_bytes, plan_gradient_checkpointing
 from preftune.model.reference import ReferenceModel
 
@@ -35,6 +35,7 @@ class TrainingParts:
     reference: ReferenceModel | None
     reference_cache: ReferenceLogpsCache | None
     controllers: list[Controller]
+    projection: ProjectionSpec | None  # run after each optimiser step when the method asks for it
     trainable: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
     scheduler: Any
@@ -139,6 +140,7 @@ def assemble(
         reference=reference,
         reference_cache=reference_cache,
         controllers=[*method.controllers(config.method), *monitoring_controllers(config), *controllers],
+        projection=method.projection(config.method),
         trainable=trainable,
         optimizer=optimizer,
         scheduler=scheduler,

@@ -77,6 +77,7 @@ class Trainer:
         self.reference = parts.reference
         self.reference_cache = parts.reference_cache
         self.controllers = parts.controllers
+        self.projection = parts.projection
         self.trainable = parts.trainable
         self.optimizer = parts.optimizer
         self.scheduler = parts.scheduler
@@ -142,10 +143,15 @@ class Trainer:
             inputs.update(controller.loss_inputs())
         return inputs
 
-    def micro_batch_loss(self, examples: list) -> LossOutput:
+    def micro_batch_logps(self, examples: list) -> tuple[Any, Any]:
+        """(policy, reference) log-probs of one micro-batch in the method's shape; reference None without one."""
         batch = self.layout.collate(examples, pad_id=self.pad_id).to(self.accelerator.device)
         reference = self.layout.split(self.reference_logps(batch), examples, batch) if self.reference is not None else None
         policy = self.layout.split(self.policy_logps(batch), examples, batch)
+        return policy, reference
+
+    def micro_batch_loss(self, examples: list) -> LossOutput:
+        policy, reference = self.micro_batch_logps(examples)
         return self.loss(policy, reference, **self.loss_inputs())
 
     # ---- one optimiser step -----------------------------------------------------------------
@@ -181,6 +187,61 @@ class Trainer:
             self.scheduler.step()
             self._apply_lr_scale()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.projection is not None and not context.skip_step:
+            metrics.update(self.project(shards, examples_in_step))
+        return metrics
+
+    def project(self, shards: list[list], examples_in_step: int) -> dict[str, float]:
+        """The method's projection step (`ProjectionSpec`): up to `steps` plain-SGD steps on the mean penalty
+        over the optimiser step's examples, on the same micro-batches, until none of them is violated.
+
+        Each pass is one forward per micro-batch that both counts the violated examples and, while
+        steps remain, backpropagates `sum(penalty) × world_size / examples_in_step` as the main step
+        does; gradients are all-reduced and clipped to `max_grad_norm` like the main step's. A pass
+        whose gradient norm is not finite is not applied and ends the projection. The optimiser's
+        state (Adam's moments, its step count) and the schedule are untouched.
+        """
+        spec = self.projection
+        max_norm = self.training.max_grad_norm if self.training.max_grad_norm is not None else math.inf
+        taken, before, nonfinite = 0, None, 0.0
+        while True:
+            descend = taken < spec.steps
+            violated = torch.zeros((), device=self.accelerator.device)
+            for shard in shards:
+                if not shard:
+                    continue
+                with torch.set_grad_enabled(descend):
+                    policy, reference = self.micro_batch_logps(shard)
+                    flags = spec.violated(policy, reference)
+                    violated += flags.float().sum().detach()
+                    # A shard with no violated example has a zero penalty and a zero gradient: skip its backward.
+                    if descend and bool(flags.any()):
+                        penalty = spec.penalty(policy, reference)
+                        self.accelerator.backward(penalty.sum() * self.world_size / examples_in_step)
+            after = self._sum_across_processes({"violated": violated})["violated"].item() / examples_in_step
+            before = after if before is None else before
+            if after == 0.0 or not descend:
+                break
+            self._all_reduce_gradients()
+            norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm).item()
+            if not math.isfinite(norm):
+                self.optimizer.zero_grad(set_to_none=True)
+                nonfinite = 1.0
+                self.alert(
+                    "nonfinite_projection",
+                    f"projection gradient norm {norm} after the optimiser step of step {self.state.global_step + 1}: "
+                    f"the projection stopped after {taken} step(s) and this one was not applied",
+                )
+                break
+            with torch.no_grad():
+                for parameter in self.trainable:
+                    if parameter.grad is not None:
+                        parameter.add_(parameter.grad, alpha=-spec.lr)
+            self.optimizer.zero_grad(set_to_none=True)
+            taken += 1
+        metrics = {"projection/steps_taken": float(taken), "projection/violated_before": before, "projection/violated_after": after}
+        if nonfinite:
+            metrics["projection/nonfinite"] = nonfinite
         return metrics
 
     def _all_reduce_gradients(self) -> None:
