@@ -144,8 +144,8 @@ class MarginConstraint:
         return margin_hinge(self.margin(policy, reference), self.threshold)
 
     def violated(self, policy: PairLogps, reference: PairLogps):
-        """m_i < τ ([pairs] bool)."""
-        return self.margin(policy, reference) < self.threshold
+        """not m_i ≥ τ ([pairs] bool): m_i < τ, and a non-finite margin counts as violated."""
+        return ~(self.margin(policy, reference) >= self.threshold)
 
 
 def cpo_projection(settings: CPOSettings) -> ProjectionSpec | None:

@@ -197,51 +197,76 @@ class Trainer:
 
         Each pass is one forward per micro-batch that both counts the violated examples and, while
         steps remain, backpropagates `sum(penalty) × world_size / examples_in_step` as the main step
-        does; gradients are all-reduced and clipped to `max_grad_norm` like the main step's. A pass
-        whose gradient norm is not finite is not applied and ends the projection. The optimiser's
-        state (Adam's moments, its step count) and the schedule are untouched.
+        does; gradients are all-reduced and clipped to `max_grad_norm` like the main step's. The
+        optimiser's state (Adam's moments, its step count) and the schedule are untouched.
+        Non-finite values never land: a pass whose gradient norm is not finite is not applied, and a
+        step after which some example's penalty is not finite is undone exactly (the trainable weights
+        before it are kept until the next pass has checked it: one more copy of the trainable weights,
+        small under LoRA); either ends the projection with an alert.
         """
         spec = self.projection
         max_norm = self.training.max_grad_norm if self.training.max_grad_norm is not None else math.inf
-        taken, before, nonfinite = 0, None, 0.0
+        taken, before, problem = 0, None, None
+        previous: list[torch.Tensor] | None = None  # the weights before the last step, until the pass after it checked it
+        checked = 0.0  # the violated fraction of the last pass whose penalties were all finite
         while True:
             descend = taken < spec.steps
-            violated = torch.zeros((), device=self.accelerator.device)
+            counts = {"violated": torch.zeros((), device=self.accelerator.device), "nonfinite": torch.zeros((), device=self.accelerator.device)}
             for shard in shards:
                 if not shard:
                     continue
                 with torch.set_grad_enabled(descend):
                     policy, reference = self.micro_batch_logps(shard)
                     flags = spec.violated(policy, reference)
-                    violated += flags.float().sum().detach()
+                    penalty = spec.penalty(policy, reference)
+                    counts["violated"] += flags.float().sum().detach()
+                    counts["nonfinite"] += (~torch.isfinite(penalty.detach())).float().sum()
                     # A shard with no violated example has a zero penalty and a zero gradient: skip its backward.
                     if descend and bool(flags.any()):
-                        penalty = spec.penalty(policy, reference)
                         self.accelerator.backward(penalty.sum() * self.world_size / examples_in_step)
-            after = self._sum_across_processes({"violated": violated})["violated"].item() / examples_in_step
+            totals = self._sum_across_processes(counts)
+            after = totals["violated"].item() / examples_in_step
+            if totals["nonfinite"].item() > 0:
+                if previous is not None:  # undo the step that made it non-finite, exactly
+                    with torch.no_grad():
+                        for parameter, kept in zip(self.trainable, previous):
+                            parameter.copy_(kept)
+                    taken -= 1
+                    after = checked
+                problem = "a non-finite penalty"
+                self.optimizer.zero_grad(set_to_none=True)
+                break
+            checked = after
             before = after if before is None else before
             if after == 0.0 or not descend:
+                self.optimizer.zero_grad(set_to_none=True)
                 break
             self._all_reduce_gradients()
             norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm).item()
             if not math.isfinite(norm):
+                problem = f"gradient norm {norm}"
                 self.optimizer.zero_grad(set_to_none=True)
-                nonfinite = 1.0
-                self.alert(
-                    "nonfinite_projection",
-                    f"projection gradient norm {norm} after the optimiser step of step {self.state.global_step + 1}: "
-                    f"the projection stopped after {taken} step(s) and this one was not applied",
-                )
                 break
             with torch.no_grad():
+                previous = [parameter.detach().clone() for parameter in self.trainable]
                 for parameter in self.trainable:
                     if parameter.grad is not None:
                         parameter.add_(parameter.grad, alpha=-spec.lr)
             self.optimizer.zero_grad(set_to_none=True)
             taken += 1
-        metrics = {"projection/steps_taken": float(taken), "projection/violated_before": before, "projection/violated_after": after}
-        if nonfinite:
-            metrics["projection/nonfinite"] = nonfinite
+        metrics = {
+            "projection/steps_taken": float(taken),
+            "projection/violated_before": before if before is not None else after,
+            "projection/violated_after": after,
+        }
+        if problem is not None:
+            metrics["projection/nonfinite"] = 1.0
+            self.alert(
+                "nonfinite_projection",
+                f"{problem} in the projection after optimiser step {self.state.global_step + 1}: the projection stopped "
+                f"after {taken} applied step(s); nothing non-finite was applied",
+                problem=problem, steps_taken=taken,
+            )
         return metrics
 
     def _all_reduce_gradients(self) -> None:
