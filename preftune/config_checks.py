@@ -9,6 +9,11 @@ warning means "look again", not "unusual":
     max_grad_norm null with learning_rate ≥ 1e-4 full, ≥ 1e-3 LoRA    (one bad batch moves the weights unbounded)
     method.beta ≥ 100 or ≤ 1e-4                                         (typical: 0.01..1)
     CPO constraints.lagrangian_lr ≥ 1                                   (typical: 1e-3..1e-1)
+    CPO soft mode, constraint_slack ≥ τ / 2 (τ > 0)                     (λ can stay 0 while every pair is below τ)
+    CPO lambda_step_clip ≥ lambda_max (or ≥ anchor_max with the anchor) (one dual step saturates the multiplier)
+
+Why the multiplier's rate is not compared with training.learning_rate directly: the two numbers
+have different units (docs/CPO.md, "The multiplier's rate and the policy's").
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ HIGH_LR_LORA = 1e-3
 EXTREME_BETA_HIGH = 100.0
 EXTREME_BETA_LOW = 1e-4
 EXTREME_LAGRANGIAN_LR = 1.0
+# The mean hinge is τ when every pair sits at the reference's margin (m = 0, as at step 0).
+SLACK_SHARE_OF_THRESHOLD = 0.5
 
 
 def config_warnings(config: RunConfig) -> list[str]:
@@ -60,4 +67,27 @@ def config_warnings(config: RunConfig) -> list[str]:
             f"method.constraints.lagrangian_lr {lagrangian_lr:g} is extreme (typical 1e-3 to 1e-1): the multiplier "
             "will oscillate instead of settling"
         )
+    if constraints is not None and hasattr(constraints, "constraint_slack"):
+        warnings += _constraint_warnings(constraints)
+    return warnings
+
+
+def _constraint_warnings(constraints) -> list[str]:
+    warnings = []
+    threshold, slack = constraints.threshold, constraints.constraint_slack
+    if constraints.mode == "soft" and threshold > 0 and slack >= SLACK_SHARE_OF_THRESHOLD * threshold:
+        warnings.append(
+            f"method.constraints.constraint_slack {slack:g} is at least half of τ = {threshold:g} in soft mode: λ rises only "
+            f"when the mean hinge relu(τ − margin) exceeds the slack, and a pair at the reference's margin has hinge τ, so λ can "
+            f"stay 0 while most pairs are below τ (the run is then plain DPO); lower constraint_slack (e.g. {0.1 * threshold:g} "
+            "= τ/10) or use mode: hard"
+        )
+    clip = constraints.lambda_step_clip
+    for key, maximum in (("lambda_max", constraints.lambda_max), ("anchor_max", constraints.anchor_max if constraints.chosen_anchor else None)):
+        if maximum is not None and clip >= maximum:
+            warnings.append(
+                f"method.constraints.lambda_step_clip {clip:g} ≥ {key} {maximum:g}: one dual step can take the multiplier "
+                "from 0 to its maximum, so it switches on and off between steps faster than the policy can follow; "
+                f"keep lambda_step_clip well below {key} (default 0.1 vs 10)"
+            )
     return warnings

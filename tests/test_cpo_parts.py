@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from preftune.config import validate_config
+from preftune.eval.html_report import build_report
 from preftune.logprobs import SequenceLogps
 from preftune.methods import PairLogps, get_method
 from preftune.methods.base import ProjectionSpec
@@ -128,6 +129,8 @@ def test_mu_follows_the_anchor_hinge_through_the_loop_and_is_logged_and_exported
     assert steps[0]["constraint/chosen_logp_delta"] == pytest.approx(0.0, abs=1e-5)  # policy = reference at step 1
     state = json.loads((tmp_path / "run" / "final" / "lagrangian_state.json").read_text())
     assert state["anchor_multiplier"] == replayed[-1] and state["history"] == history
+    summary = build_report(tmp_path / "run").summary.read_text()
+    assert f"μ at the end {replayed[-1]:.4g}, peak {max(replayed):.4g}" in summary
 
 
 def test_the_anchor_at_zero_rate_trains_exactly_like_no_anchor(tmp_path, model_dir):
@@ -180,6 +183,9 @@ def test_projection_lowers_the_violated_fraction_and_stops_once_the_batch_is_fea
             assert r["projection/violated_after"] == 0.0
     assert any(r["projection/violated_after"] < r["projection/violated_before"] for r in projected)
     assert any(0 < r["projection/steps_taken"] < steps and r["projection/violated_after"] == 0.0 for r in rows)
+    summary = build_report(tmp_path / "run").summary.read_text()
+    taken = sum(r["projection/steps_taken"] for r in rows)
+    assert f"- projection: {taken:g} extra step(s) over 4 logged steps" in summary
 
 
 def test_projection_on_an_already_feasible_batch_and_projection_off_train_exactly_alike(tmp_path, model_dir):
@@ -284,3 +290,20 @@ def test_resume_is_exact_with_the_anchor_the_warmup_and_the_projection_on(tmp_pa
         return [{k: v for k, v in r.items() if k not in ("time", "pairs_per_second")} for r in rows if r["step"] > 2]
 
     assert comparable("resumed") == comparable("straight")
+
+
+def test_config_warnings_name_a_slack_that_swallows_the_constraint_and_a_step_that_saturates_the_multiplier(tmp_path):
+    from preftune.config_checks import config_warnings
+
+    def warnings(**constraints):
+        config = tiny_run_config(tmp_path, tmp_path, method={"loss_type": "cpo", "beta": 0.1, "constraints": constraints})
+        return [w for w in config_warnings(config) if "method.constraints" in w]
+
+    assert warnings() == []  # the defaults: slack 0.01 against τ 0.1, step clip 0.1 against λ max 10
+    assert warnings(mode="hard", margin_threshold=0.01) == []  # hard mode: the slack is a share of pairs
+    assert warnings(margin_threshold=ALWAYS_MET) == []
+    (slack,) = warnings(margin_threshold=0.02)
+    assert "constraint_slack 0.01 is at least half of τ = 0.02" in slack and "plain DPO" in slack
+    (clip,) = warnings(lambda_step_clip=0.5, chosen_anchor=True, anchor_max=0.5)
+    assert "lambda_step_clip 0.5 ≥ anchor_max 0.5" in clip
+    assert len(warnings(lambda_step_clip=2.0, lambda_max=1.0)) == 1

@@ -207,6 +207,22 @@ def cpo_report_section(records: RunRecords) -> tuple[str, list[str]] | None:
                 f"- **the constraint never acted**: λ stayed 0 because the step's violation never exceeded constraint_slack "
                 f"({slack:g}); this run trained as plain DPO"
             )
+    if "anchor_multiplier" in state:
+        anchored = [entry for entry in history if "anchor_multiplier" in entry]
+        peak_mu = max((entry["anchor_multiplier"] for entry in anchored), default=0.0)
+        lines.append(
+            f"- chosen-likelihood anchor (tolerance {constraints.get('anchor_tolerance', 0.0):g} nats/token): "
+            f"μ at the end {state['anchor_multiplier']:.4g}, peak {peak_mu:.4g}"
+        )
+    projected = [row for row in records.train_rows if "projection/steps_taken" in row]
+    if projected:
+        taken = sum(row["projection/steps_taken"] for row in projected)
+        feasible = sum(row["projection/violated_after"] == 0.0 for row in projected)
+        lines.append(
+            f"- projection: {taken:g} extra step(s) over {len(projected)} logged steps; the batch was feasible after it "
+            f"in {feasible} of them (mean share of pairs below τ {_mean(projected, 'projection/violated_before'):.3g} before → "
+            f"{_mean(projected, 'projection/violated_after'):.3g} after)"
+        )
     cuts = records.controllers.get("constraint_violation_lr", {}).get("reductions", [])
     if cuts:
         lines.append(f"- learning rate cut {len(cuts)} time(s) for sustained violation (now {cuts[-1]['lr_scale']:.3g} × the schedule)")
@@ -215,6 +231,10 @@ def cpo_report_section(records: RunRecords) -> tuple[str, list[str]] | None:
         "the constraint is violated; `final/lagrangian_state.json` holds λ after every step",
     ]
     return "CPO constraint (constrained DPO)", lines
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    return sum(row[key] for row in rows) / len(rows)
 
 
 METHOD = Method(
@@ -232,5 +252,7 @@ METHOD = Method(
     report_curves=(
         ReportCurve("preference (DPO) loss and the whole step loss", ("loss/preference", "loss")),
         ReportCurve("λ and the violation it follows", ("lagrangian/lambda", "lagrangian/violation")),
+        ReportCurve("anchor multiplier μ and the chosen answers' per-token log-prob change", ("lagrangian/anchor_multiplier", "constraint/chosen_logp_delta")),
+        ReportCurve("projection: share of the batch's pairs below τ", ("projection/violated_before", "projection/violated_after")),
     ),
 )
