@@ -307,3 +307,41 @@ def test_config_warnings_name_a_slack_that_swallows_the_constraint_and_a_step_th
     (clip,) = warnings(lambda_step_clip=0.5, chosen_anchor=True, anchor_max=0.5)
     assert "lambda_step_clip 0.5 ≥ anchor_max 0.5" in clip
     assert len(warnings(lambda_step_clip=2.0, lambda_max=1.0)) == 1
+
+
+def _projected_weights(tmp_path, model_dir, name: str, processes: int, per_device: int):
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from preftune.config import dump_config
+
+    config = tiny_run_config(
+        tmp_path / name, model_dir,
+        method={"loss_type": "cpo", "beta": 0.1, "constraints": {"margin_threshold": UNREACHABLE, "projection_steps": 2, "projection_lr": 0.05}},
+        training={"per_device_train_batch_size": per_device},
+    )
+    config_path = tmp_path / f"{name}.yaml"
+    config_path.write_text(dump_config(config))
+    finished = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+         "-m", "tests.distributed_projection", str(config_path), str(tmp_path / name)],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
+    )
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    return [
+        (load_file(tmp_path / f"{name}-rank{rank}.safetensors"), json.loads((tmp_path / f"{name}-rank{rank}.json").read_text()))
+        for rank in range(processes)
+    ]
+
+
+def test_two_processes_project_like_one_process_with_the_whole_batch(tmp_path, model_dir):
+    ((single, single_metrics),) = _projected_weights(tmp_path, model_dir, "single", processes=1, per_device=4)
+    (rank0, metrics0), (rank1, metrics1) = _projected_weights(tmp_path, model_dir, "distributed", processes=2, per_device=2)
+    assert single_metrics["projection/steps_taken"] == 2.0
+    assert metrics0 == metrics1 == single_metrics  # the same global count of violated pairs on every process
+    for key in single:
+        torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0)
+        torch.testing.assert_close(rank0[key], single[key], rtol=1e-4, atol=1e-6)
