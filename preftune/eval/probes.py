@@ -383,13 +383,19 @@ def render_probe_rows(data: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> 
 
 # Inline Markdown syntax (the only kind a table cell parses), and "|" which ends a cell.
 _MARKDOWN_INLINE = str.maketrans({char: "\\" + char for char in "\\`*_[]|"})
+# Control characters a small model emits are invalid in HTML: shown as their Unicode control pictures (␚).
+_CONTROL_PICTURES = str.maketrans({**{code: 0x2400 + code for code in range(0x20) if code not in (0x09, 0x0A)}, 0x7F: 0x2421})
 
 
 def markdown_cell(text: str) -> str:
     """`text` as literal content of one Markdown table cell: HTML characters as entities (no tag, no autolink),
-    inline syntax backslash-escaped, line breaks shown as ↵ (a cell is one line)."""
-    escaped = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").translate(_MARKDOWN_INLINE)
-    first, *rest = [line.strip() for line in escaped.strip().splitlines()] or [""]
+    inline syntax backslash-escaped, control characters as control pictures, line breaks as ↵ (a cell is one line)."""
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").strip().split("\n")
+    escaped = [
+        line.strip().replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").translate(_MARKDOWN_INLINE).translate(_CONTROL_PICTURES)
+        for line in lines
+    ]
+    first, *rest = escaped
     return (first + "".join(" ↵" + (f" {line}" if line else "") for line in rest)) or "(empty)"
 
 
