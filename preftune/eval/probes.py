@@ -56,7 +56,6 @@ CHOSEN_MIN_RISE = 0.01  # nats per token
 DEFAULT_MAX_LENGTH = 512
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_CHUNK_SIZE = 512
-DEFAULT_GENERATIONS = 4
 DEFAULT_MAX_NEW_TOKENS = 64
 HELD_OUT_SPLITS = ("heldout", "test")
 # hh-rlhf prompts end with "Assistant:"; a base model that keeps going writes the user's next turn.
