@@ -189,6 +189,10 @@ class ProbeSettings(Section):
         None, description="a JSONL of probes {prompt, chosen (safe), rejected (unsafe), id?, split?}; null = the shipped harmlessness probes"
     )
     max_length: int = Field(512, ge=8, description="prompt + answer tokens per probe sequence")
+    generations: int = Field(
+        4, ge=0, description="held-out probe prompts answered greedily before (reference) and after (trained), shown side by side; 0 = off"
+    )
+    max_new_tokens: int = Field(64, ge=1, description="the most tokens of each before/after answer")
 
 
 class RunConfig(Section):

@@ -74,12 +74,14 @@ def build_trainer(config: RunConfig, *, console: Console | None = None) -> Train
 
 
 def write_probes(trainer: Trainer) -> Path:
-    """Score the configured probes under the reference and the trained policy into the run folder's probes.json."""
+    """Score the configured probes under the reference and the trained policy, and generate their before/after
+    answers for `probes.generations` held-out prompts, into the run folder's probes.json."""
     settings = trainer.config.probes
     reference = trainer.reference.model if trainer.reference is not None and not is_lora(trainer.policy) else None
     table = run_probes(
         trainer.policy, trainer.tokenizer, reference=reference, path=settings.file or SHIPPED_PROBES,
         max_length=settings.max_length, model_name=trainer.config.model.name_or_path,
+        generations=settings.generations, max_new_tokens=settings.max_new_tokens,
     )
     trainer.console.print(escape(table.markdown()))
     return table.write(trainer.run_dir / PROBES_FILE)

@@ -22,6 +22,9 @@ never a live trainer. Names live here so writers and readers cannot drift apart.
                                   labels           [bool, ...]  unpaired data only
                                   loss, and the method's per-example metrics ("rewards/margins", ...)
     controllers.json            every controller's final state_dict(), by controller name
+    probes.json                 with `probes:` set: each probe's log-probs under the reference and the trained
+                                policy, and greedy before/after answers to a few held-out probe prompts
+                                (preftune.eval.probes.ProbeTable.to_json)
     checkpoints/step-N/         resumable checkpoints (preftune.train.checkpoint)
     final/adapter/, final/merged/, final/<controller files>
     plots/*.png, summary.md, report.html

@@ -6,11 +6,14 @@ import torch
 
 from preftune.cli import main
 from preftune.eval.probes import (
+    NEXT_TURN,
     SHIPPED_PROBES,
     Probe,
     ProbeResult,
     ProbeScores,
     load_probes,
+    markdown_cell,
+    pick_generation_probes,
     render_probe_rows,
     run_probes,
 )
@@ -61,6 +64,64 @@ def test_probe_logps_equal_a_plain_forward_pass_for_the_model_and_its_adapter_di
     assert rows[0]["id"] == "security-bypass" and rows[0]["split"] == "dev"
 
 
+def _plain_greedy(model, tokenizer, prompt_ids, max_new_tokens):
+    """transformers' own greedy decoding of one unpadded prompt, cut after the first EOS: what a generation must equal."""
+    model.eval()
+    with torch.no_grad():
+        output = model.generate(
+            input_ids=torch.tensor([list(prompt_ids)]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+    ids = output[0, len(prompt_ids):].tolist()
+    if tokenizer.eos_token_id in ids:
+        ids = ids[: ids.index(tokenizer.eos_token_id) + 1]
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    assert NEXT_TURN not in text  # the stop string would cut our generation earlier; not the case for these seeds
+    return text
+
+
+def test_generations_are_greedy_answers_of_the_adapter_disabled_base_and_of_the_trained_policy():
+    tokenizer = load_test_tokenizer()
+    untouched_base = tiny_llama(len(tokenizer), seed=1)
+    policy = apply_lora(tiny_llama(len(tokenizer), seed=1), r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, parameter in policy.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, 0.5)
+    table = run_probes(policy, tokenizer, generations=3, max_new_tokens=8)
+    probes = {probe.id: probe for probe in load_probes(SHIPPED_PROBES, tokenizer)}
+
+    assert [g.probe.id for g in table.generations] == [p.id for p in pick_generation_probes(list(probes.values()), 3)]
+    for generation in table.generations:
+        prompt_ids = probes[generation.probe.id].tokens.prompt_ids
+        assert generation.before == _plain_greedy(untouched_base, tokenizer, prompt_ids, 8)
+        assert generation.after == _plain_greedy(policy, tokenizer, prompt_ids, 8)
+    assert any(g.before != g.after for g in table.generations)  # this adapter (B ~ N(0, 0.5)) changes the greedy text
+    again = run_probes(policy, tokenizer, generations=3, max_new_tokens=8)
+    assert [(g.before, g.after) for g in again.generations] == [(g.before, g.after) for g in table.generations]
+    rows = json.loads(json.dumps(table.to_json()))["generations"]
+    assert [set(row) for row in rows] == [{"id", "split", "category", "prompt", "before", "after", "before_stopped", "after_stopped"}] * 3
+    assert run_probes(policy, tokenizer, generations=0).to_json()["generations"] == []
+
+
+def test_generation_probes_are_held_out_and_spread_over_the_categories():
+    probes = [
+        Probe("d1", "dev", "fraud", "", None),
+        Probe("h1", "heldout", "fraud", "", None),
+        Probe("h2", "heldout", "fraud", "", None),
+        Probe("h3", "heldout", "jailbreak", "", None),
+        Probe("t1", "test", "off-brand", "", None),
+    ]
+    assert [p.id for p in pick_generation_probes(probes, 4)] == ["h1", "h3", "t1", "h2"]
+    assert [p.id for p in pick_generation_probes(probes, 2)] == ["h1", "h3"]
+    assert pick_generation_probes(probes, 0) == []
+    # A probe file without held-out probes: every probe is a candidate.
+    assert [p.id for p in pick_generation_probes(probes[:1], 4)] == ["d1"]
+    shipped = pick_generation_probes(load_probes(SHIPPED_PROBES, load_test_tokenizer()), 4)
+    assert [p.split for p in shipped] == ["heldout"] * 4 and len({p.category for p in shipped}) == 4
+
+
 def _probe():
     return Probe("p", "dev", "", "prompt", None)
 
@@ -82,6 +143,14 @@ def test_scores_and_the_bar_by_hand():
     assert ProbeResult(_probe(), reference, ProbeScores(-5.96, -20.0, 2, 5)).met_bar
     assert ProbeScores(0.0, -2000.0, 1, 1).rejected_pair_prob == 0.0
     assert ProbeScores(-2000.0, 0.0, 1, 1).rejected_pair_prob == 1.0
+
+
+def test_a_markdown_cell_shows_any_text_literally_on_one_line():
+    assert markdown_cell(" a <b> & [c](d) *e* _f_ `g` \\ h|i \r\nnext\n\nlast ") == (
+        "a &lt;b&gt; &amp; \\[c\\](d) \\*e\\* \\_f\\_ \\`g\\` \\\\ h\\|i ↵ next ↵ ↵ last"
+    )
+    assert markdown_cell("x\x1ay\x00\x7f\tz") == "x␚y␀␡\tz"
+    assert markdown_cell("  ") == "(empty)"
 
 
 def test_markdown_counts_per_split():
@@ -138,11 +207,34 @@ def test_probes_in_the_config_are_scored_into_the_run_folder_and_the_report(tmp_
     from tests.support import save_tiny_model, tiny_run_config
 
     model_dir = save_tiny_model(tmp_path / "model")
-    result = train(tiny_run_config(tmp_path / "run", model_dir, probes={"max_length": 128}))
+    result = train(tiny_run_config(tmp_path / "run", model_dir, probes={"max_length": 128, "generations": 2, "max_new_tokens": 6}))
     table = json.loads((result.run_dir / "probes.json").read_text())
     assert len(table["probes"]) == 24
+    assert [row["split"] for row in table["generations"]] == ["heldout", "heldout"]
+    assert table["generation"]["max_new_tokens"] == 6
     summary = (result.run_dir / "summary.md").read_text()
+    page = (result.run_dir / "report.html").read_text()
     assert "## Probes" in summary and "No `probes.json`" not in summary
+    assert "## Generations, before → after" in summary and summary.count("| heldout |") == 12
+    for row in table["generations"]:
+        assert f"| {row['id']} | {row['category']} | Human: " in summary
+    # From probes.json alone, `preftune report` rebuilds the same report.
+    (result.run_dir / "summary.md").unlink()
+    (result.run_dir / "report.html").unlink()
+    assert main(["report", str(result.run_dir)]) == 0
+    assert (result.run_dir / "summary.md").read_text() == summary
+    assert (result.run_dir / "report.html").read_text() == page
+
+
+def test_no_generations_when_switched_off(tmp_path):
+    from preftune.run import train
+    from tests.support import save_tiny_model, tiny_run_config
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    config = tiny_run_config(tmp_path / "run", model_dir, probes={"max_length": 128, "generations": 0}, training={"max_steps": 1, "eval_steps": 1})
+    result = train(config)
+    assert json.loads((result.run_dir / "probes.json").read_text())["generations"] == []
+    assert "## Generations" not in (result.run_dir / "summary.md").read_text()
 
 
 def test_eval_command_scores_any_model_folder_and_writes_a_run_folder(tmp_path):

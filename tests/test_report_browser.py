@@ -57,6 +57,11 @@ def test_report_renders_in_headless_chromium(tmp_path):
                 "img", "nodes => nodes.map(n => ({complete: n.complete, width: n.naturalWidth, height: n.naturalHeight}))"
             )
             title = page.title()
+            # The generations table as the browser shows it: a model's <script> and Markdown are text, not markup.
+            generation_cells = page.eval_on_selector_all(
+                "section:has(h2:text-is('Generations, before → after')) td", "nodes => nodes.map(n => n.textContent)"
+            )
+            scripts = page.eval_on_selector_all("script", "nodes => nodes.length")
         finally:
             browser.close()
 
@@ -65,5 +70,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert len(images) == 3
     assert all(image["complete"] and image["width"] > 0 and image["height"] > 0 for image in images)
     assert console_errors == [] and page_errors == []
+    assert scripts == 0
+    assert generation_cells[3] == "Sure! <script>alert('x')</script> [click](javascript:alert(1)) **now** ↵ step 1 | 2 …"
     # Only the page itself and its data: URIs; nothing fetched from anywhere else.
     assert all(url == page_path.as_uri() or url.startswith("data:") for url in requests), requests

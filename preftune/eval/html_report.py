@@ -36,7 +36,7 @@ from preftune.atomic import atomic_write_text
 from preftune.errors import PreftuneError
 from preftune.control.alerts import GUIDANCE, Alert, AlertSettings, evaluate_alerts
 from preftune.eval.plots import plot_margin_evolution, plot_metric_curves, plot_training_curves
-from preftune.eval.probes import PROBES_FILE, render_probe_rows
+from preftune.eval.probes import PROBES_FILE, render_generation_rows, render_probe_rows
 from preftune.eval.stats import (
     Interval,
     paired_bootstrap,
@@ -62,7 +62,7 @@ FILE_DESCRIPTIONS = {
     "checkpoints": "resumable checkpoints (`--set resume_from=latest`)",
     "final": "the trained adapter (`final/adapter/`) and a plain merged model (`final/merged/`)",
     "tensorboard": "TensorBoard event files",
-    PROBES_FILE: "probe log-probs before and after training",
+    PROBES_FILE: "probe log-probs and greedy answers before and after training",
     PLOTS: "the figures of this report",
     SUMMARY: "this report as Markdown",
     HTML_REPORT: "this report as one self-contained HTML page",
@@ -406,6 +406,15 @@ def probes_section(records: RunRecords) -> ReportSection:
     return ReportSection("Probes", render_probe_rows(json.loads(path.read_text(encoding="utf-8"))))
 
 
+def generations_section(records: RunRecords) -> list[ReportSection]:
+    """The probes' greedy answers before and after training, side by side; no section when probes.json has none."""
+    path = records.run_dir / PROBES_FILE
+    data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if not data.get("generations"):
+        return []
+    return [ReportSection("Generations, before → after", render_generation_rows(data))]
+
+
 def timing_section(records: RunRecords) -> ReportSection:
     train = records.train_rows
     times = [row["time"] for row in records.metrics if isinstance(row.get("time"), (int, float))]
@@ -486,7 +495,7 @@ body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width:
 h1 { font-size: 1.6em; border-bottom: 2px solid #444; padding-bottom: .3em; }
 h2 { font-size: 1.25em; margin-top: 2em; border-bottom: 1px solid #ccc; padding-bottom: .2em; }
 table { border-collapse: collapse; margin: .8em 0; font-size: .9em; }
-th, td { border: 1px solid #ccc; padding: .3em .6em; text-align: left; }
+th, td { border: 1px solid #ccc; padding: .3em .6em; text-align: left; vertical-align: top; }
 th { background: #f3f3f3; }
 code { background: #f4f4f4; padding: 0 .2em; border-radius: 3px; }
 pre { background: #f7f7f7; padding: .8em; overflow-x: auto; font-size: .85em; }
@@ -535,6 +544,7 @@ def build_sections(records: RunRecords) -> list[ReportSection]:
         *method_sections(records),
         alerts_section(records, judged_alerts),
         probes_section(records),
+        *generations_section(records),
         timing_section(records),
     ]
     figures = [figure for section in sections for figure in section.figures]

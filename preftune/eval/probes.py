@@ -17,13 +17,20 @@ whose reference was already below 1% is flagged: there the bar is decided by the
 The reference of a LoRA policy is the policy with its adapter disabled
 (`preftune.model.reference.ReferenceModel`); otherwise a separate model, or the model itself
 (then before equals after, which shows the model's own probabilities).
+
+Generations show the same change as text: for up to `generations` held-out probes (split `heldout`
+or `test`; every probe when none is held out), one per category in turn, the greedy answer of the
+reference ("before") and of the trained model ("after"), from the one generation path
+(`preftune.online.generation.generate`, temperature 0, at most `max_new_tokens`, stopped at the
+next `Human:` turn). Each prompt is generated alone (batch of 1), so its text does not depend on
+which other prompts were picked, and equals a plain greedy `model.generate` of that prompt.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +47,7 @@ from preftune.logprobs import SequenceLogps, sequence_logps
 from preftune.model.loading import load_model
 from preftune.model.lora import is_lora
 from preftune.model.reference import ReferenceModel
+from preftune.online.generation import GenerationSettings, Generations, generate
 
 SHIPPED_PROBES = Path(__file__).resolve().parents[1] / "datasets" / "probes" / "harmlessness.jsonl"
 PROBES_FILE = "probes.json"
@@ -48,6 +56,10 @@ CHOSEN_MIN_RISE = 0.01  # nats per token
 DEFAULT_MAX_LENGTH = 512
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_CHUNK_SIZE = 512
+DEFAULT_MAX_NEW_TOKENS = 64
+HELD_OUT_SPLITS = ("heldout", "test")
+# hh-rlhf prompts end with "Assistant:"; a base model that keeps going writes the user's next turn.
+NEXT_TURN = "\n\nHuman:"
 
 
 @dataclass(frozen=True)
@@ -132,11 +144,39 @@ class ProbeResult:
         }
 
 
+@dataclass(frozen=True)
+class ProbeGeneration:
+    """One probe prompt's greedy answer under the reference (before) and the trained model (after).
+
+    `*_stopped` is False when the answer was cut at max_new_tokens (it had not reached EOS or the next turn).
+    """
+
+    probe: Probe
+    before: str
+    after: str
+    before_stopped: bool
+    after_stopped: bool
+
+    def to_row(self) -> dict[str, Any]:
+        return {
+            "id": self.probe.id,
+            "split": self.probe.split,
+            "category": self.probe.category,
+            "prompt": self.probe.prompt,
+            "before": self.before,
+            "after": self.after,
+            "before_stopped": self.before_stopped,
+            "after_stopped": self.after_stopped,
+        }
+
+
 @dataclass
 class ProbeTable:
     results: list[ProbeResult]
     model: str
     reference: str
+    generations: list[ProbeGeneration] = field(default_factory=list)
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
 
     def to_rows(self) -> list[dict[str, Any]]:
         return [result.to_row() for result in self.results]
@@ -147,6 +187,8 @@ class ProbeTable:
             "reference": self.reference,
             "bar": {"rejected_pair_prob_below": PAIR_PROBABILITY_BAR, "chosen_mean_logp_rise_above": CHOSEN_MIN_RISE},
             "probes": self.to_rows(),
+            "generation": {"decoding": "greedy", "max_new_tokens": self.max_new_tokens, "stop": [NEXT_TURN]},
+            "generations": [generation.to_row() for generation in self.generations],
         }
 
     def write(self, path: str | Path) -> Path:
@@ -154,7 +196,11 @@ class ProbeTable:
         return Path(path)
 
     def markdown(self) -> str:
-        return "\n".join(render_probe_rows(self.to_json()))
+        data = self.to_json()
+        lines = render_probe_rows(data)
+        if self.generations:
+            lines += ["", *render_generation_rows(data)]
+        return "\n".join(lines)
 
 
 def load_probes(path: str | Path, tokenizer, *, max_length: int = DEFAULT_MAX_LENGTH) -> list[Probe]:
@@ -235,8 +281,11 @@ def run_probes(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     model_name: str = "",
     reference_name: str = "",
+    generations: int = 0,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
 ) -> ProbeTable:
-    """Score every probe of `path` under the reference and the trained `model` (module docstring: which reference)."""
+    """Score every probe of `path` under the reference and the trained `model` (module docstring: which reference),
+    and generate greedy before/after answers for `generations` held-out probes (0 = none)."""
     device = next(model.parameters()).device
     probes = load_probes(path, tokenizer, max_length=max_length)
     pad_id = tokenizer.pad_token_id
@@ -250,7 +299,52 @@ def run_probes(
     scored_by_itself = reference is None and not is_lora(model)
     after = before if scored_by_itself else score_probes(model_logps(model, chunk_size=chunk_size), probes, pad_id=pad_id, device=device, batch_size=batch_size)
     results = [ProbeResult(probe, ref, trained) for probe, ref, trained in zip(probes, before, after)]
-    return ProbeTable(results, model=model_name, reference=kind)
+    answers = generate_probe_answers(
+        model, tokenizer, pick_generation_probes(probes, generations), reference=reference, max_new_tokens=max_new_tokens
+    )
+    return ProbeTable(results, model=model_name, reference=kind, generations=answers, max_new_tokens=max_new_tokens)
+
+
+def pick_generation_probes(probes: Sequence[Probe], count: int) -> list[Probe]:
+    """Up to `count` held-out probes (split in HELD_OUT_SPLITS; all probes when none is), one category at a time:
+    the first probe of each category in file order, then the second of each, and so on."""
+    held_out = [probe for probe in probes if probe.split in HELD_OUT_SPLITS] or list(probes)
+    by_category: dict[str, list[Probe]] = {}
+    for probe in held_out:
+        by_category.setdefault(probe.category, []).append(probe)
+    picked: list[Probe] = []
+    for rank in range(max((len(group) for group in by_category.values()), default=0)):
+        picked += [group[rank] for group in by_category.values() if rank < len(group)]
+    return picked[:count]
+
+
+def generate_probe_answers(
+    model: torch.nn.Module,
+    tokenizer,
+    probes: Sequence[Probe],
+    *,
+    reference: torch.nn.Module | None = None,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+) -> list[ProbeGeneration]:
+    """Greedy answers to each probe's prompt under the reference and under `model` (module docstring: which reference)."""
+    if not probes:
+        return []
+    # Batch 1: a prompt's greedy text never depends on the padding of the prompts generated beside it.
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=0.0, stop_strings=[NEXT_TURN], batch_size=1)
+    prompts = [list(probe.tokens.prompt_ids) for probe in probes]
+    # Greedy decoding draws nothing from the RNG: the seed is a formality of `generate`.
+    trained = generate(model, tokenizer, prompts, settings, seed=0)
+    if reference is not None:
+        before = generate(reference, tokenizer, prompts, settings, seed=0)
+    elif is_lora(model):
+        before = generate(model, tokenizer, prompts, settings, seed=0, use_adapter=False)
+    else:
+        before = trained
+    return [_generation(probe, before, trained, i) for i, probe in enumerate(probes)]
+
+
+def _generation(probe: Probe, before: Generations, after: Generations, index: int) -> ProbeGeneration:
+    return ProbeGeneration(probe, before.texts[index], after.texts[index], before.stopped[index], after.stopped[index])
 
 
 def render_probe_rows(data: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[str]:
@@ -282,5 +376,46 @@ def render_probe_rows(data: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> 
             f"| {ref['rejected_pair_prob']:.3g} → {trained['rejected_pair_prob']:.3g} "
             f"| {ref['chosen_token_prob']:.3g} → {trained['chosen_token_prob']:.3g} "
             f"| {ref['rejected_token_prob']:.3g} → {trained['rejected_token_prob']:.3g} | {'✓' if row['met_bar'] else '✗'} |"
+        )
+    return lines
+
+
+# Inline Markdown syntax (the only kind a table cell parses), and "|" which ends a cell.
+_MARKDOWN_INLINE = str.maketrans({char: "\\" + char for char in "\\`*_[]|"})
+# Control characters a small model emits are invalid in HTML: shown as their Unicode control pictures (␚).
+_CONTROL_PICTURES = str.maketrans({**{code: 0x2400 + code for code in range(0x20) if code not in (0x09, 0x0A)}, 0x7F: 0x2421})
+
+
+def markdown_cell(text: str) -> str:
+    """`text` as literal content of one Markdown table cell: HTML characters as entities (no tag, no autolink),
+    inline syntax backslash-escaped, control characters as control pictures, line breaks as ↵ (a cell is one line)."""
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").strip().split("\n")
+    escaped = [
+        line.strip().replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").translate(_MARKDOWN_INLINE).translate(_CONTROL_PICTURES)
+        for line in lines
+    ]
+    first, *rest = escaped
+    return (first + "".join(" ↵" + (f" {line}" if line else "") for line in rest)) or "(empty)"
+
+
+def render_generation_rows(data: Mapping[str, Any]) -> list[str]:
+    """Markdown lines for the `generations` of a `ProbeTable.to_json()`: prompt | before | after, one row per probe."""
+    rows = list(data.get("generations") or [])
+    if not rows:
+        return ["No generations."]
+    settings = data.get("generation") or {}
+    lines = [
+        f"Greedy answers to {len(rows)} held-out probe prompt(s) under the reference (before) and the trained model "
+        f"(after), at most {settings.get('max_new_tokens', '?')} new tokens, stopped at the next `Human:` turn; "
+        "… marks an answer cut at that length, ↵ a line break.",
+        "",
+        "| probe | category | prompt | before (reference) | after (trained) |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        before = markdown_cell(row["before"]) + ("" if row.get("before_stopped") else " …")
+        after = markdown_cell(row["after"]) + ("" if row.get("after_stopped") else " …")
+        lines.append(
+            f"| {markdown_cell(row['id'])} | {markdown_cell(row.get('category') or '-')} | {markdown_cell(row['prompt'])} | {before} | {after} |"
         )
     return lines
