@@ -8,6 +8,13 @@ mode. λ rises while the constraint is violated more than `constraint_slack` and
 toward 0 once it holds. The loss receives λ as an argument (`loss_inputs`), a constant to autograd.
 In both modes the loss penalises each violating pair by λ·(τ − margin) (preftune/losses/cpo.py);
 the mode only changes the quantity λ follows.
+
+The epoch restart rule (off unless `max_epoch_restarts` > 0; docs/CPO.md): at the evaluation that
+closes an epoch, when validation preference accuracy fell below the evaluation at the epoch's
+start, or the share of pairs with a negative per-token margin exceeds
+`restart_negative_margin_threshold`, the controller asks the loop to restart the epoch; on the
+restart it multiplies η and `lambda_step_clip` by `restart_lambda_step_factor` (`step_scale`,
+controller state, so a resume keeps the tightened step) for the rest of the run.
 """
 
 from __future__ import annotations
@@ -22,10 +29,16 @@ MONITORED_METRIC = {"soft": "constraint/hinge", "hard": "constraint/violated"}
 STATE_FILE = "lagrangian_state.json"
 
 
-def dual_step(multiplier: float, violation: float, settings) -> float:
-    """One projected, clipped dual-ascent step on λ (see the module docstring)."""
-    step = settings.lagrangian_lr * (violation - settings.constraint_slack)
-    step = max(-settings.lambda_step_clip, min(settings.lambda_step_clip, step))
+ACCURACY_METRIC = "eval/rewards/accuracies"
+NEGATIVE_MARGIN_METRIC = "eval/negative_margin_fraction_per_token"  # the length-normalised margin, the design's definition
+
+
+def dual_step(multiplier: float, violation: float, settings, *, step_scale: float = 1.0) -> float:
+    """One projected, clipped dual-ascent step on λ (see the module docstring); `step_scale` multiplies
+    both η and the clip (the epoch restart rule's tightening)."""
+    clip = step_scale * settings.lambda_step_clip
+    step = step_scale * settings.lagrangian_lr * (violation - settings.constraint_slack)
+    step = max(-clip, min(clip, step))
     return max(0.0, min(settings.lambda_max, multiplier + step))
 
 
@@ -41,6 +54,15 @@ class LagrangianController(Controller):
         self.history: list[dict[str, float]] = []  # one entry per optimiser step
         self.multiplier = float(settings.initial_lambda)
         self.inactive_alerted = False
+        # The epoch restart rule's state.
+        self.step_scale = 1.0  # × lagrangian_lr and × lambda_step_clip; lowered at every epoch restart
+        self.epoch_restarts = 0
+        self.last_evaluation: dict[str, float] = {}  # accuracy and negative-margin share of the latest evaluation
+        self.epoch_baseline: float | None = None  # accuracy at the current epoch's start
+
+    @property
+    def may_request_epoch_restart(self) -> bool:
+        return self.epoch_restarts < self.settings.max_epoch_restarts
 
     def loss_inputs(self) -> dict[str, Any]:
         return {"lagrange_multiplier": self.multiplier}
@@ -48,6 +70,7 @@ class LagrangianController(Controller):
     def on_epoch_start(self, context: StepContext) -> dict[str, float]:
         if self.settings.reset_lambda_each_epoch:
             self.multiplier = float(self.settings.initial_lambda)
+        self.epoch_baseline = self.last_evaluation.get(ACCURACY_METRIC)
         return {"lagrangian/lambda": self.multiplier}
 
     def on_step_end(self, context: StepContext) -> dict[str, float]:
@@ -55,7 +78,7 @@ class LagrangianController(Controller):
         # process takes the same step.
         violation = context.metrics[self.monitored]
         used = self.multiplier
-        self.multiplier = dual_step(used, violation, self.settings)
+        self.multiplier = dual_step(used, violation, self.settings, step_scale=self.step_scale)
         self.history.append(
             {
                 "step": context.step,
@@ -68,7 +91,42 @@ class LagrangianController(Controller):
         return {"lagrangian/lambda": self.multiplier, "lagrangian/violation": violation}
 
     def on_evaluate(self, context: StepContext, summary: dict[str, float]) -> None:
-        """Say so when the constraint is violated on held-out pairs but λ never moved: the slack swallowed it."""
+        """Ask for an epoch restart when the epoch made validation worse (see the module docstring), and say so
+        when the constraint is violated on held-out pairs but λ never moved: the slack swallowed it."""
+        self.last_evaluation = {key: summary[key] for key in (ACCURACY_METRIC, NEGATIVE_MARGIN_METRIC) if key in summary}
+        if context.epoch_end and self.may_request_epoch_restart:
+            self._judge_epoch(context)
+        self._check_inactive(context, summary)
+
+    def _judge_epoch(self, context: StepContext) -> None:
+        accuracy = self.last_evaluation.get(ACCURACY_METRIC)
+        negative = self.last_evaluation.get(NEGATIVE_MARGIN_METRIC)
+        threshold = self.settings.restart_negative_margin_threshold
+        reasons = []
+        if accuracy is not None and self.epoch_baseline is not None and accuracy < self.epoch_baseline:
+            reasons.append(f"validation accuracy fell from {self.epoch_baseline:.3f} at the epoch's start to {accuracy:.3f}")
+        if negative is not None and negative > threshold:
+            reasons.append(f"{negative:.1%} of validation pairs have a negative per-token margin (> {threshold:.1%})")
+        if not reasons:
+            return
+        scale = self.step_scale * self.settings.restart_lambda_step_factor
+        context.request_epoch_restart(
+            "; ".join(reasons) + f"; λ's step is tightened: lagrangian_lr {scale * self.settings.lagrangian_lr:.4g}, "
+            f"lambda_step_clip {scale * self.settings.lambda_step_clip:.4g}",
+            accuracy=accuracy, baseline_accuracy=self.epoch_baseline,
+            negative_margin_fraction_per_token=negative, negative_margin_threshold=threshold,
+            lagrangian_lr=scale * self.settings.lagrangian_lr, lambda_step_clip=scale * self.settings.lambda_step_clip,
+            what_to_try="if every epoch restarts, lower training.learning_rate or margin_threshold; "
+            "the restarted epoch sees the same data order",
+        )
+
+    def on_epoch_restart(self, context: StepContext) -> dict[str, float]:
+        """Tighten λ's step for the rest of the run (this controller's state is the epoch start's again)."""
+        self.epoch_restarts += 1
+        self.step_scale *= self.settings.restart_lambda_step_factor
+        return {"lagrangian/step_scale": self.step_scale}
+
+    def _check_inactive(self, context: StepContext, summary: dict[str, float]) -> None:
         violated = summary.get("eval/constraint/violated")
         if context.step == 0 or violated is None or not self.history or self.inactive_alerted:
             return
@@ -90,12 +148,21 @@ class LagrangianController(Controller):
             "threshold": self.threshold,
             "monitored_metric": self.monitored,
             "history": list(self.history),
+            "step_scale": self.step_scale,
+            "epoch_restarts": self.epoch_restarts,
+            "last_evaluation": dict(self.last_evaluation),
+            "epoch_baseline": self.epoch_baseline,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.multiplier = float(state["lambda"])
         self.history = list(state["history"])
         self.inactive_alerted = bool(state["inactive_alerted"])
+        # .get: checkpoints written before the epoch restart rule hold none of these.
+        self.step_scale = float(state.get("step_scale", 1.0))
+        self.epoch_restarts = int(state.get("epoch_restarts", 0))
+        self.last_evaluation = dict(state.get("last_evaluation", {}))
+        self.epoch_baseline = state.get("epoch_baseline")
 
     def export(self, folder: Path) -> None:
         atomic_write_json(folder / STATE_FILE, {**self.state_dict(), "settings": self.settings.model_dump(mode="json")})

@@ -1,0 +1,244 @@
+"""Epoch restarts through the real loop: a controller's request rolls the epoch back to its start, bit for bit,
+and trains it again; CPO's rule (method.constraints.max_epoch_restarts) tightens λ's step each time."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from preftune import runfolder
+from preftune.control import Controller
+from preftune.eval.html_report import build_report
+from preftune.methods.lagrangian import dual_step
+from preftune.run import build_trainer
+from preftune.train.checkpoint import list_checkpoints
+from tests.support import save_tiny_model, tiny_run_config
+
+NONDETERMINISTIC = {"time", "pairs_per_second"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+class RestartOnce(Controller):
+    """Requests one restart of epoch `epoch`; its own state says whether it did, so the request is not repeated."""
+
+    name = "restart_once"
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+        self.done = False
+
+    @property
+    def may_request_epoch_restart(self) -> bool:
+        return not self.done
+
+    def on_evaluate(self, context, summary):
+        if context.epoch_end and not self.done and context.epoch == self.epoch + 1:
+            context.request_epoch_restart("test", accuracy=summary["eval/rewards/accuracies"])
+
+    def on_epoch_restart(self, context):
+        self.done = True
+
+    def state_dict(self):
+        return {"done": self.done}
+
+    def load_state_dict(self, state):
+        self.done = state["done"]
+
+
+class Watch(Controller):
+    """Copies the trainable weights and the optimiser's moments at every epoch start and every epoch-end evaluation."""
+
+    name = "watch"
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.epoch_starts: list[tuple[int, dict, dict]] = []
+        self.epoch_ends: list[tuple[int, dict]] = []
+
+    def _weights(self):
+        return {n: p.detach().clone() for n, p in self.trainer.policy.named_parameters() if p.requires_grad}
+
+    def on_epoch_start(self, context):
+        moments = {
+            (i, k): v.clone() for i, s in self.trainer.optimizer.state_dict()["state"].items()
+            for k, v in s.items() if isinstance(v, torch.Tensor)
+        }
+        self.epoch_starts.append((context.step, self._weights(), moments))
+
+    def on_evaluate(self, context, summary):
+        if context.epoch_end:
+            self.epoch_ends.append((context.step, self._weights()))
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _rows(run_dir, name=runfolder.METRICS):
+    return [{k: v for k, v in row.items() if k not in NONDETERMINISTIC} for row in runfolder.read_jsonl(run_dir / name)]
+
+
+def _dpo_config(run_dir, model_dir, **overrides):
+    # 8 pairs at 4 per step: 2 steps per epoch, 3 epochs; evaluated at every epoch end by eval_steps.
+    return tiny_run_config(
+        run_dir, model_dir, data={"max_train_samples": 8},
+        training={"max_steps": None, "num_train_epochs": 3, "eval_steps": 2, "save_steps": None, **overrides},
+    )
+
+
+def test_a_restarted_epoch_starts_from_the_bit_identical_state_and_the_folder_equals_a_run_without_it(tmp_path, model_dir):
+    plain = build_trainer(_dpo_config(tmp_path / "plain", model_dir))
+    plain.train()
+    restarted = build_trainer(_dpo_config(tmp_path / "restarted", model_dir))
+    watch = Watch(restarted)
+    restarted.controllers += [RestartOnce(epoch=1), watch]
+    restarted.train()
+
+    # Epoch 1 (steps 3–4) started twice, from the same weights and optimiser moments (non-empty by then).
+    assert [step for step, _, _ in watch.epoch_starts] == [0, 2, 2, 4]
+    (_, weights_a, moments_a), (_, weights_b, moments_b) = watch.epoch_starts[1:3]
+    assert moments_a and _equal(weights_a, weights_b) and _equal(moments_a, moments_b)
+    assert not _equal(weights_a, watch.epoch_starts[0][1])  # epoch 0 did train
+    # Nothing else changed, so the retrained epoch ends where the abandoned attempt ended, bit for bit.
+    assert [step for step, _ in watch.epoch_ends] == [2, 4, 4, 6]
+    assert _equal(watch.epoch_ends[1][1], watch.epoch_ends[2][1])
+    for (name, a), (_, b) in zip(plain.policy.named_parameters(), restarted.policy.named_parameters()):
+        assert torch.equal(a, b), name
+    assert restarted.state.global_step == 6 and restarted.state.epoch_restarts == 1
+
+    # The abandoned attempt's records were rolled back: one row per step, the same numbers as the plain run.
+    assert _rows(tmp_path / "restarted") == _rows(tmp_path / "plain")
+    assert runfolder.evaluation_steps(tmp_path / "restarted") == [0, 2, 4, 6]
+    for step in (0, 2, 4, 6):
+        assert (runfolder.evaluation_path(tmp_path / "restarted", step).read_bytes()
+                == runfolder.evaluation_path(tmp_path / "plain", step).read_bytes())
+    alerts = _rows(tmp_path / "restarted", runfolder.ALERTS)
+    restarts = [a for a in alerts if a["kind"] == "epoch_restart"]
+    assert [(a["step"], a["epoch"], a["restart"], a["abandoned_step"]) for a in restarts] == [(2, 1, 1, 4)]
+    assert restarts[0]["message"].startswith("epoch 1 restarted from step 2 (restart 1): test")
+    assert [a for a in alerts if a["kind"] != "epoch_restart"] == _rows(tmp_path / "plain", runfolder.ALERTS)
+    assert "**epoch_restart**" in build_report(tmp_path / "restarted").summary.read_text()
+
+
+def test_with_no_controller_asking_no_epoch_checkpoint_or_evaluation_is_added(tmp_path, model_dir):
+    trainer = build_trainer(_dpo_config(tmp_path / "run", model_dir, eval_steps=None))
+    assert not any(c.may_request_epoch_restart for c in trainer.controllers)
+    trainer.train()
+    assert runfolder.evaluation_steps(tmp_path / "run") == [0, 6]  # before the first and after the last step only
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-6"]
+
+
+# ---- CPO's rule ---------------------------------------------------------------------------------------------
+
+def _cpo_config(run_dir, model_dir, *, constraints, **top):
+    return tiny_run_config(
+        run_dir, model_dir,
+        method={"loss_type": "cpo", "beta": 0.1, "constraints": {
+            "violation_alert": None, "margin_threshold": 0.1, "lagrangian_lr": 1.0, "lambda_step_clip": 0.15, **constraints,
+        }},
+        data={"max_train_samples": 8},  # 2 steps per epoch
+        training={"max_steps": None, "num_train_epochs": 2, "eval_steps": None, "save_steps": None},
+        **top,
+    )
+
+
+def _lagrangian(trainer):
+    return next(c for c in trainer.controllers if c.name == "lagrangian")
+
+
+# After one epoch of the tiny model some validation pair always has a negative per-token margin, so a threshold
+# of 0 triggers at every epoch end (the test checks that it did).
+CERTAIN = {"restart_negative_margin_threshold": 0.0}
+
+
+def test_cpo_restarts_exactly_the_configured_number_of_times_and_tightens_lambdas_step(tmp_path, model_dir):
+    trainer = build_trainer(_cpo_config(tmp_path / "run", model_dir, constraints={"max_epoch_restarts": 2, **CERTAIN}))
+    trainer.train()
+    alerts = [a for a in runfolder.read_jsonl(tmp_path / "run" / runfolder.ALERTS) if a["kind"] == "epoch_restart"]
+    # Both restarts are of epoch 0 (the budget is spent there), each halving η and the clip again.
+    assert [(a["step"], a["epoch"], a["restart"], a["abandoned_step"]) for a in alerts] == [(0, 0, 1, 2), (0, 0, 2, 2)]
+    assert all(a["negative_margin_fraction_per_token"] > 0.0 for a in alerts)
+    assert [(a["lagrangian_lr"], a["lambda_step_clip"]) for a in alerts] == [(0.5, 0.075), (0.25, 0.0375)]
+    assert "negative per-token margin" in alerts[0]["message"] and "lagrangian_lr 0.5" in alerts[0]["message"]
+    lagrangian = _lagrangian(trainer)
+    assert lagrangian.epoch_restarts == 2 and lagrangian.step_scale == 0.25
+    assert trainer.state.global_step == 4 and trainer.state.epoch_restarts == 2
+    # Every kept step of λ took the dual step at a quarter of η and of the clip (λ reset at the epoch start).
+    settings = trainer.config.method.constraints
+    history = lagrangian.history
+    assert [entry["step"] for entry in history] == [1, 2, 3, 4]
+    expected, multiplier = [], 0.0
+    for entry in history:
+        multiplier = 0.0 if entry["step"] == 3 else multiplier
+        multiplier = dual_step(multiplier, entry["violation"], settings, step_scale=0.25)
+        expected.append(multiplier)
+    assert [entry["lambda"] for entry in history] == expected
+    assert expected[0] == pytest.approx(0.25 * 1.0 * (history[0]["violation"] - settings.constraint_slack))
+    assert [r["lagrangian/step_scale"] for r in _rows(tmp_path / "run") if "lagrangian/step_scale" in r] == [0.5, 0.25]
+    assert [row["step"] for row in _rows(tmp_path / "run") if "loss" in row] == [1, 2, 3, 4]
+    # The exported state carries the tightened step, and the report still builds from the folder.
+    assert (tmp_path / "run" / "final" / "lagrangian_state.json").is_file()
+    assert "epoch 0 restarted from step 0 (restart 2)" in build_report(tmp_path / "run").summary.read_text()
+
+
+def test_cpo_rule_off_by_default_leaves_the_run_unchanged(tmp_path, model_dir):
+    trainer = build_trainer(_cpo_config(tmp_path / "run", model_dir, constraints={}))
+    assert trainer.config.method.constraints.max_epoch_restarts == 0
+    trainer.train()
+    assert not [a for a in runfolder.read_jsonl(tmp_path / "run" / runfolder.ALERTS) if a["kind"] == "epoch_restart"]
+    assert runfolder.evaluation_steps(tmp_path / "run") == [0, 4]
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-4"]
+    assert _lagrangian(trainer).step_scale == 1.0
+
+
+def test_a_resume_after_a_restart_keeps_the_tightened_step_and_equals_the_uninterrupted_run(tmp_path, model_dir):
+    constraints = {"max_epoch_restarts": 1, **CERTAIN}
+    straight = build_trainer(_cpo_config(tmp_path / "straight", model_dir, constraints=constraints))
+    straight.train()
+    # The crashed run restarts epoch 0 (checkpointing step 0 again, tightened), then dies in epoch 1.
+    crashed = build_trainer(_cpo_config(tmp_path / "resumed", model_dir, constraints=constraints))
+
+    class CrashAt(Controller):
+        name = "crash"
+
+        def on_step_end(self, context):
+            if context.step == 3:
+                raise RuntimeError("simulated crash")
+
+    crashed.controllers.append(CrashAt())
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashed.train()
+    assert [p.name for p in list_checkpoints(tmp_path / "resumed")] == ["step-0"]
+    resumed = build_trainer(_cpo_config(tmp_path / "resumed", model_dir, constraints=constraints, resume_from="latest"))
+    assert _lagrangian(resumed).step_scale == 1.0
+    resumed.train()
+
+    assert _lagrangian(resumed).step_scale == _lagrangian(straight).step_scale == 0.5
+    assert _lagrangian(resumed).history == _lagrangian(straight).history
+    for (name, a), (_, b) in zip(straight.policy.named_parameters(), resumed.policy.named_parameters()):
+        assert torch.equal(a, b), name
+    for name in (runfolder.METRICS, runfolder.ALERTS):
+        assert _rows(tmp_path / "resumed", name) == _rows(tmp_path / "straight", name)
+    assert [a["kind"] for a in _rows(tmp_path / "resumed", runfolder.ALERTS)].count("epoch_restart") == 1
+    assert runfolder.evaluation_steps(tmp_path / "resumed") == runfolder.evaluation_steps(tmp_path / "straight")
+
+
+def test_a_restart_without_its_epoch_start_checkpoint_says_which_is_missing(tmp_path, model_dir):
+    trainer = build_trainer(_dpo_config(tmp_path / "run", model_dir))
+    trainer.controllers.append(RestartOnce(epoch=0))
+
+    class RemoveEpochStart(Controller):
+        name = "remove"
+
+        def on_step_end(self, context):
+            shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-0", ignore_errors=True)
+
+    trainer.controllers.append(RemoveEpochStart())
+    with pytest.raises(Exception, match=r"epoch-start checkpoint .*step-0, which is missing"):
+        trainer.train()
