@@ -3,15 +3,17 @@ and trains it again; CPO's rule (method.constraints.max_epoch_restarts) tightens
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
 import torch
 
 from preftune import runfolder
-from preftune.control import Controller
+from preftune.control import Controller, StepContext
 from preftune.eval.html_report import build_report
-from preftune.methods.lagrangian import dual_step
+from preftune.methods.cpo import ConstraintSettings
+from preftune.methods.lagrangian import LagrangianController, dual_step
 from preftune.run import build_trainer
 from preftune.train.checkpoint import list_checkpoints
 from tests.support import save_tiny_model, tiny_run_config
@@ -242,3 +244,44 @@ def test_a_restart_without_its_epoch_start_checkpoint_says_which_is_missing(tmp_
     trainer.controllers.append(RemoveEpochStart())
     with pytest.raises(Exception, match=r"epoch-start checkpoint .*step-0, which is missing"):
         trainer.train()
+
+
+def _judged(controller, summary, *, epoch_end=True):
+    context = StepContext(step=4, total_steps=8, epoch=1, epoch_end=epoch_end)
+    controller.on_evaluate(context, summary)
+    return context.epoch_restart
+
+
+def test_cpo_rule_fires_on_an_accuracy_drop_or_too_many_negative_per_token_margins_and_nothing_else():
+    settings = ConstraintSettings.model_validate({"max_epoch_restarts": 1, "lagrangian_lr": 0.02})
+    controller = LagrangianController(settings, threshold=settings.threshold)
+    at_start = {"eval/rewards/accuracies": 0.75, "eval/negative_margin_fraction_per_token": 0.125}
+    assert _judged(controller, at_start, epoch_end=True) is None  # no baseline before the first epoch start
+    controller.on_epoch_start(StepContext(step=0, total_steps=8, epoch=0))
+    assert controller.epoch_baseline == 0.75
+
+    assert _judged(controller, {**at_start}) is None  # equal accuracy, 12.5% ≤ 15%
+    # Exactly at the threshold is not above it; the summed-margin fraction is not what the rule watches.
+    assert _judged(controller, {**at_start, "eval/negative_margin_fraction_per_token": 0.15, "eval/negative_margin_fraction": 0.9}) is None
+    dropped = _judged(controller, {**at_start, "eval/rewards/accuracies": 0.625})
+    assert dropped["accuracy"] == 0.625 and dropped["baseline_accuracy"] == 0.75
+    assert "accuracy fell from 0.750 at the epoch's start to 0.625" in dropped["reason"]
+    assert (dropped["lagrangian_lr"], dropped["lambda_step_clip"]) == (0.01, 0.05)  # × 0.5 of 0.02 and 0.1
+    negative = _judged(controller, {**at_start, "eval/negative_margin_fraction_per_token": 0.25})
+    assert "25.0% of validation pairs have a negative per-token margin (> 15.0%)" in negative["reason"]
+    # Only at an epoch's end, and only while the budget lasts.
+    assert _judged(controller, {**at_start, "eval/rewards/accuracies": 0.5}, epoch_end=False) is None
+    controller.on_epoch_restart(StepContext(step=0, total_steps=8, epoch=0))
+    assert (controller.epoch_restarts, controller.step_scale) == (1, 0.5)
+    assert not controller.may_request_epoch_restart
+    assert _judged(controller, {**at_start, "eval/rewards/accuracies": 0.5}) is None
+    # The tightened step is state: it survives a checkpoint round trip and a resumed controller uses it.
+    restored = LagrangianController(settings, threshold=settings.threshold)
+    restored.load_state_dict(json.loads(json.dumps(controller.state_dict())))
+    assert (restored.step_scale, restored.epoch_restarts, restored.epoch_baseline) == (0.5, 1, 0.75)
+    assert dual_step(0.0, 1.0, settings, step_scale=restored.step_scale) == pytest.approx(0.5 * 0.02 * (1.0 - 0.01))
+
+
+def test_a_restart_cannot_be_requested_outside_the_evaluation_that_closes_an_epoch():
+    with pytest.raises(RuntimeError, match="closes an epoch"):
+        StepContext(step=1, total_steps=2, epoch=0).request_epoch_restart("too early")

@@ -4,7 +4,8 @@
 - `trainable.safetensors`: the trainable parameters (the adapter with LoRA, all weights otherwise)
 - `optimizer.safetensors` + `optimizer.json`: optimiser tensors, and its param groups and scalars
 - `rng.safetensors`: torch CPU (and CUDA) generator states
-- `trainer_state.json`: step, epoch, data position, scheduler, Python RNG, controllers, config
+- `trainer_state.json`: step, epoch, data position, scheduler, Python RNG, controllers, config, and `records`
+  (the rows metrics.jsonl and alerts.jsonl held, where a roll-back to this checkpoint cuts them)
 """
 
 from __future__ import annotations

@@ -510,17 +510,16 @@ class Trainer:
                 jsonl="jsonl" in self.training.report_to,
                 purge_step=start + 1,
             )
-        reason = request.pop("reason")
         epoch = self.state.epoch
-        self.alert(
-            "epoch_restart",
-            f"epoch {epoch} restarted from step {start} (restart {restarts}): {reason}",
-            what_it_means=f"steps {start + 1}–{abandoned_step} were trained, judged at the epoch's end and dropped; "
+        details = {
+            "what_it_means": f"steps {start + 1}–{abandoned_step} were trained, judged at the epoch's end and dropped; "
             "the epoch is trained again from its start with the same data order",
-            epoch=epoch, restart=restarts, abandoned_step=abandoned_step, **request,
-        )
+            **{key: value for key, value in request.items() if key != "reason"},
+            "epoch": epoch, "restart": restarts, "abandoned_step": abandoned_step,
+        }
+        self.alert("epoch_restart", f"epoch {epoch} restarted from step {start} (restart {restarts}): {request['reason']}", **details)
         context = self._context()
-        context.epoch_restart = {"reason": reason, **request}
+        context.epoch_restart = request
         for controller in self.controllers:
             self._log(controller.on_epoch_restart(context) or {})
         self._take_lr_scale(context)
