@@ -186,7 +186,9 @@ def test_cpo_restarts_exactly_the_configured_number_of_times_and_tightens_lambda
     assert [row["step"] for row in _rows(tmp_path / "run") if "loss" in row] == [1, 2, 3, 4]
     # The exported state carries the tightened step, and the report still builds from the folder.
     assert (tmp_path / "run" / "final" / "lagrangian_state.json").is_file()
-    assert "epoch 0 restarted from step 0 (restart 2)" in build_report(tmp_path / "run").summary.read_text()
+    summary = build_report(tmp_path / "run").summary.read_text()
+    assert "epoch 0 restarted from step 0 (restart 2)" in summary
+    assert "- epochs restarted: 2 (the `epoch_restart` alerts say why); λ's step since: 0.25 × lagrangian_lr" in summary
 
 
 def test_cpo_rule_off_by_default_leaves_the_run_unchanged(tmp_path, model_dir):

@@ -157,6 +157,11 @@ def cpo_report_section(records: RunRecords) -> tuple[str, list[str]] | None:
                 f"- **the constraint never acted**: λ stayed 0 because the step's violation never exceeded constraint_slack "
                 f"({slack:g}); this run trained as plain DPO"
             )
+    if state.get("epoch_restarts"):
+        lines.append(
+            f"- epochs restarted: {state['epoch_restarts']} (the `epoch_restart` alerts say why); λ's step since: "
+            f"{state['step_scale']:g} × lagrangian_lr and lambda_step_clip"
+        )
     cuts = records.controllers.get("constraint_violation_lr", {}).get("reductions", [])
     if cuts:
         lines.append(f"- learning rate cut {len(cuts)} time(s) for sustained violation (now {cuts[-1]['lr_scale']:.3g} × the schedule)")
