@@ -94,22 +94,24 @@ def _dpo_config(run_dir, model_dir, **overrides):
     )
 
 
-def test_a_restarted_epoch_starts_from_the_bit_identical_state_and_the_folder_equals_a_run_without_it(tmp_path, model_dir):
+@pytest.mark.parametrize("epoch", [1, 2])  # a middle epoch, and the last (its end is the run's last step)
+def test_a_restarted_epoch_starts_from_the_bit_identical_state_and_the_folder_equals_a_run_without_it(tmp_path, model_dir, epoch):
     plain = build_trainer(_dpo_config(tmp_path / "plain", model_dir))
     plain.train()
     restarted = build_trainer(_dpo_config(tmp_path / "restarted", model_dir))
     watch = Watch(restarted)
-    restarted.controllers += [RestartOnce(epoch=1), watch]
+    restarted.controllers += [RestartOnce(epoch=epoch), watch]
     restarted.train()
+    start, end = 2 * epoch, 2 * epoch + 2
 
-    # Epoch 1 (steps 3–4) started twice, from the same weights and optimiser moments (non-empty by then).
-    assert [step for step, _, _ in watch.epoch_starts] == [0, 2, 2, 4]
-    (_, weights_a, moments_a), (_, weights_b, moments_b) = watch.epoch_starts[1:3]
+    # The epoch started twice, from the same weights and optimiser moments (non-empty by then).
+    assert [step for step, _, _ in watch.epoch_starts] == sorted([0, 2, 4, start])
+    (_, weights_a, moments_a), (_, weights_b, moments_b) = watch.epoch_starts[epoch : epoch + 2]
     assert moments_a and _equal(weights_a, weights_b) and _equal(moments_a, moments_b)
-    assert not _equal(weights_a, watch.epoch_starts[0][1])  # epoch 0 did train
+    assert not _equal(weights_a, watch.epoch_starts[0][1])  # the earlier epochs did train
     # Nothing else changed, so the retrained epoch ends where the abandoned attempt ended, bit for bit.
-    assert [step for step, _ in watch.epoch_ends] == [2, 4, 4, 6]
-    assert _equal(watch.epoch_ends[1][1], watch.epoch_ends[2][1])
+    assert [step for step, _ in watch.epoch_ends] == sorted([2, 4, 6, end])
+    assert _equal(watch.epoch_ends[epoch][1], watch.epoch_ends[epoch + 1][1])
     for (name, a), (_, b) in zip(plain.policy.named_parameters(), restarted.policy.named_parameters()):
         assert torch.equal(a, b), name
     assert restarted.state.global_step == 6 and restarted.state.epoch_restarts == 1
@@ -122,8 +124,8 @@ def test_a_restarted_epoch_starts_from_the_bit_identical_state_and_the_folder_eq
                 == runfolder.evaluation_path(tmp_path / "plain", step).read_bytes())
     alerts = _rows(tmp_path / "restarted", runfolder.ALERTS)
     restarts = [a for a in alerts if a["kind"] == "epoch_restart"]
-    assert [(a["step"], a["epoch"], a["restart"], a["abandoned_step"]) for a in restarts] == [(2, 1, 1, 4)]
-    assert restarts[0]["message"].startswith("epoch 1 restarted from step 2 (restart 1): test")
+    assert [(a["step"], a["epoch"], a["restart"], a["abandoned_step"]) for a in restarts] == [(start, epoch, 1, end)]
+    assert restarts[0]["message"].startswith(f"epoch {epoch} restarted from step {start} (restart 1): test")
     assert [a for a in alerts if a["kind"] != "epoch_restart"] == _rows(tmp_path / "plain", runfolder.ALERTS)
     assert "**epoch_restart**" in build_report(tmp_path / "restarted").summary.read_text()
 
