@@ -42,6 +42,18 @@ class ConstraintSettings(Section):
     )
     patience: int = Field(3, ge=1, description="evaluations in a row above violation_alert before the LR is lowered")
     lr_reduction: float = Field(0.2, gt=0.0, lt=1.0, description="fraction the learning rate is lowered by")
+    # The epoch restart rule (docs/CPO.md, "Epoch restarts"), off with max_epoch_restarts: 0.
+    max_epoch_restarts: int = Field(
+        0, ge=0, description="epochs that may be rolled back and trained again per run, each with λ's step tightened; 0 = off"
+    )
+    restart_negative_margin_threshold: float = Field(
+        0.15, ge=0.0, le=1.0,
+        description="restart the epoch when more than this share of validation pairs has a negative per-token margin "
+        "(eval/negative_margin_fraction_per_token) at its end; it also restarts when accuracy fell below the epoch's start",
+    )
+    restart_lambda_step_factor: float = Field(
+        0.5, gt=0.0, le=1.0, description="lagrangian_lr and lambda_step_clip are multiplied by this at every epoch restart"
+    )
 
     # --- chosen-likelihood anchor: a second constraint with its own multiplier μ (docs/CPO.md) ---
     chosen_anchor: bool = Field(
@@ -222,6 +234,11 @@ def cpo_report_section(records: RunRecords) -> tuple[str, list[str]] | None:
             f"- projection: {taken:g} extra step(s) over {len(projected)} logged steps; the batch was feasible after it "
             f"in {feasible} of them (mean share of pairs below τ {_mean(projected, 'projection/violated_before'):.3g} before → "
             f"{_mean(projected, 'projection/violated_after'):.3g} after)"
+        )
+    if state.get("epoch_restarts"):
+        lines.append(
+            f"- epochs restarted: {state['epoch_restarts']} (the `epoch_restart` alerts say why); λ's step since: "
+            f"{state['step_scale']:g} × lagrangian_lr and lambda_step_clip"
         )
     cuts = records.controllers.get("constraint_violation_lr", {}).get("reductions", [])
     if cuts:

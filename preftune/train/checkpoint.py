@@ -4,7 +4,8 @@
 - `trainable.safetensors`: the trainable parameters (the adapter with LoRA, all weights otherwise)
 - `optimizer.safetensors` + `optimizer.json`: optimiser tensors, and its param groups and scalars
 - `rng.safetensors`: torch CPU (and CUDA) generator states
-- `trainer_state.json`: step, epoch, data position, scheduler, Python RNG, controllers, config
+- `trainer_state.json`: step, epoch, data position, scheduler, Python RNG, controllers, config, and `records`
+  (the rows metrics.jsonl and alerts.jsonl held, where a roll-back to this checkpoint cuts them)
 """
 
 from __future__ import annotations
@@ -85,11 +86,24 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def prune_checkpoints(run_dir: Path, keep: int | None) -> None:
+def prune_checkpoints(run_dir: Path, keep: int | None, *, protect: Path | None = None) -> None:
+    """Keep the newest `keep` checkpoints, and `protect` (an epoch start a restart may return to)."""
     if keep is None:
         return
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if protect is None or old != protect:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step-{step}"
+
+
+def remove_checkpoints_after(run_dir: Path, step: int) -> None:
+    """Drop the checkpoints of an abandoned (restarted) attempt, so none of them is ever resumed."""
+    for later in list_checkpoints(run_dir):
+        if int(STEP_DIR.match(later.name).group(1)) > step:
+            shutil.rmtree(later, ignore_errors=True)
 
 
 def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -165,14 +165,24 @@ def update_identity(run_dir: Path, **values: Any) -> None:
     atomic_write_json(path, {**current, **values})
 
 
-def roll_back(run_dir: Path, step: int) -> None:
-    """Drop every record written after `step` (the checkpoint a resume starts from), so the resumed run's
-    folder ends up as an uninterrupted run's would."""
+def roll_back(run_dir: Path, step: int, rows: dict[str, int] | None = None) -> None:
+    """Drop every record written after the checkpoint at `step` that a resume or an epoch restart starts
+    from, so the folder ends up as an uninterrupted run's would.
+
+    `rows` (kept in checkpoints since epoch restarts) are the numbers of lines metrics.jsonl and
+    alerts.jsonl held when the checkpoint was written: the files are cut there, which also drops rows
+    written after it with the same step (an epoch start's λ line). Without them (older checkpoints)
+    the rows after `step` are dropped. Evaluations after `step` are removed either way.
+    """
     for name in (runfolder.METRICS, runfolder.ALERTS):
         path = run_dir / name
-        rows = runfolder.read_jsonl(path)
-        kept = [row for row in rows if row.get("step", 0) <= step]
-        if path.is_file():
+        if not path.is_file():
+            continue
+        if rows is not None and name in rows:
+            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)[: rows[name]]
+            atomic_write_text(path, "".join(lines))
+        else:
+            kept = [row for row in runfolder.read_jsonl(path) if row.get("step", 0) <= step]
             atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in kept))
     for later in runfolder.evaluation_steps(run_dir):
         if later > step:

@@ -4,6 +4,11 @@ The loop knows methods only through their `Method` declaration (preftune/methods
 the parts `preftune.train.setup.assemble` built. Data order is a pure function of (seed, epoch),
 so a checkpoint's (epoch, step_in_epoch) is enough to continue exactly where the run stopped, and
 the run folder (preftune/runfolder.py) is rolled back to the checkpoint's step on resume.
+
+Epoch restarts (preftune/control/base.py): while a controller may request one, the loop writes a
+checkpoint at every epoch start and evaluates at every epoch end; a request in that evaluation
+restores the epoch-start checkpoint exactly as a resume would (records included) and trains the
+epoch again.
 """
 
 from __future__ import annotations
@@ -39,7 +44,14 @@ from preftune.methods.base import RolloutContext
 from preftune.methods.evaluation import evaluate_examples, summarize_evaluation
 from preftune.model.export import save_adapter, save_merged
 from preftune.train import run_dir as run_folder
-from preftune.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from preftune.train.checkpoint import (
+    checkpoint_path,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    remove_checkpoints_after,
+    save_checkpoint,
+)
 from preftune.train.metrics_log import MetricsLog
 from preftune.train.setup import TrainingParts
 
@@ -51,6 +63,7 @@ class TrainerState:
     step_in_epoch: int = 0
     pairs_seen: int = 0
     lr_scale: float = 1.0
+    epoch_restarts: int = 0  # epochs rolled back and trained again so far
     eval_history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -93,6 +106,8 @@ class Trainer:
         self.identity = run_folder.run_identity(config, data.train, data.validation)
         self.log: MetricsLog | None = None
         self._stop_signal: int | None = None
+        self._epoch_restart: dict[str, Any] | None = None  # a request made in the evaluation that closed an epoch
+        self._checkpointed_step: int | None = None  # the step of the last checkpoint this process wrote
         set_seed(config.training.seed)
 
     # ---- data order -------------------------------------------------------------------------
@@ -300,7 +315,7 @@ class Trainer:
         )
 
     # ---- controllers ------------------------------------------------------------------------
-    def _context(self, metrics: dict[str, float] | None = None) -> StepContext:
+    def _context(self, metrics: dict[str, float] | None = None, *, epoch_end: bool = False) -> StepContext:
         return StepContext(
             step=self.state.global_step,
             total_steps=self.total_steps,
@@ -308,7 +323,11 @@ class Trainer:
             metrics=metrics or {},
             lr_scale=self.state.lr_scale,
             alert=self.alert,
+            epoch_end=epoch_end,
         )
+
+    def _epoch_restarts_possible(self) -> bool:
+        return bool(self.data.validation) and any(c.may_request_epoch_restart for c in self.controllers)
 
     def _take_lr_scale(self, context: StepContext) -> None:
         if context.lr_scale != self.state.lr_scale:
@@ -321,13 +340,15 @@ class Trainer:
             self.log.alert(self.state.global_step, kind, message, **details)
 
     # ---- evaluation -------------------------------------------------------------------------
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, *, epoch_end: bool = False) -> dict[str, float]:
+        """Score the validation set; `epoch_end`: this evaluation closes an epoch (a restart may be requested)."""
         rows = self.evaluate_rows(self.data.validation)
         summary = summarize_evaluation(rows)
-        context = self._context()
+        context = self._context(epoch_end=epoch_end)
         for controller in self.controllers:
             summary.update(controller.on_evaluate(context, summary) or {})
         self._take_lr_scale(context)
+        self._epoch_restart = context.epoch_restart
         self.state.eval_history.append({"step": self.state.global_step, **summary})
         if self.accelerator.is_main_process:
             runfolder.write_evaluation(self.run_dir, self.state.global_step, rows)
@@ -370,9 +391,10 @@ class Trainer:
                 f"{self._last_good_checkpoint()} Lower training.learning_rate."
             )
         self.accelerator.wait_for_everyone()
+        self._checkpointed_step = self.state.global_step
         if not self.accelerator.is_main_process:
             return None
-        target = self.run_dir / runfolder.CHECKPOINTS / f"step-{self.state.global_step}"
+        target = checkpoint_path(self.run_dir, self.state.global_step)
         save_checkpoint(
             target,
             model=self.policy,
@@ -383,10 +405,17 @@ class Trainer:
                 "controllers": {c.name: c.state_dict() for c in self.controllers},
                 "identity": self.identity,
                 "config": self.config.model_dump(mode="json"),
+                "records": dict(self.log.rows) if self.log is not None else None,
             },
         )
-        prune_checkpoints(self.run_dir, self.training.save_total_limit)
+        prune_checkpoints(self.run_dir, self.training.save_total_limit, protect=self._epoch_start_checkpoint())
         return target
+
+    def _epoch_start_checkpoint(self) -> Path | None:
+        """The checkpoint an epoch restart would return to: the current epoch's first step, while restarts are possible."""
+        if not self._epoch_restarts_possible():
+            return None
+        return checkpoint_path(self.run_dir, self.state.global_step - self.state.step_in_epoch)
 
     def _last_good_checkpoint(self) -> str:
         found = latest_checkpoint(self.run_dir)
@@ -394,7 +423,8 @@ class Trainer:
             return "No checkpoint was written before this point."
         return f"The last checkpoint, {found}, holds finite weights: resume it with --set resume_from=latest."
 
-    def resume(self, checkpoint: Path) -> None:
+    def resume(self, checkpoint: Path) -> dict[str, int] | None:
+        """Restore everything a checkpoint holds; return its record counts (for `run_dir.roll_back`)."""
         state = load_checkpoint(checkpoint, model=self.policy, optimizer=self.optimizer)
         run_folder.check_resumable(self.identity, state.get("identity"), checkpoint)
         self.scheduler.load_state_dict(state["scheduler"])
@@ -405,6 +435,7 @@ class Trainer:
             if controller.name not in saved:
                 raise CheckpointError(f"checkpoint {checkpoint} has no state for controller '{controller.name}'")
             controller.load_state_dict(saved[controller.name])
+        return state.get("records")
 
     def _resolve_resume(self) -> Path | None:
         requested = self.config.resume_from
@@ -433,9 +464,9 @@ class Trainer:
             run_folder.claim(self.run_dir, self.config, resuming=checkpoint is not None)
         self.accelerator.wait_for_everyone()
         if checkpoint is not None:
-            self.resume(checkpoint)
+            rows = self.resume(checkpoint)
             if is_main:
-                run_folder.roll_back(self.run_dir, self.state.global_step)
+                run_folder.roll_back(self.run_dir, self.state.global_step, rows)
             self.console.print(f"resumed from {escape(str(checkpoint))} at step {self.state.global_step}")
         if is_main:
             run_folder.write_start(self.run_dir, self.config, self.identity, self.data.summary(), self.data.evidence())
@@ -455,7 +486,8 @@ class Trainer:
         started = time.perf_counter()
         try:
             with self._stop_on_signals():
-                if self.state.global_step == 0 and self.data.validation:
+                # (not again when resuming the step-0 checkpoint an epoch restart wrote: it holds that evaluation)
+                if self.state.global_step == 0 and self.data.validation and not self._evaluated_at(0):
                     self._evaluate_and_log()
                 with self._progress() as (progress, task):
                     while self.state.global_step < self.total_steps:
@@ -465,6 +497,7 @@ class Trainer:
                         )
                         progress.update(task, advance=1, description=f"loss {metrics['loss']:.4f}  {shown}")
                         self._after_step()
+                        progress.update(task, completed=self.state.global_step)  # back after an epoch restart
                 train_seconds = time.perf_counter() - started
                 if self.data.validation and not self._evaluated_at(self.state.global_step):
                     self._evaluate_and_log()
@@ -495,6 +528,8 @@ class Trainer:
 
     def _train_one_step(self) -> dict[str, float]:
         if self.state.step_in_epoch == 0:
+            if self._epoch_restarts_possible() and self._checkpointed_step != self.state.global_step:
+                self.save_checkpoint()  # what a restart of this epoch returns to
             context = self._context()
             for controller in self.controllers:
                 self._log(controller.on_epoch_start(context) or {})
@@ -518,8 +553,13 @@ class Trainer:
 
     def _after_step(self) -> None:
         step = self.state.global_step
-        if self.data.validation and self.training.eval_steps and step % self.training.eval_steps == 0:
-            self._evaluate_and_log()
+        epoch_end = self.state.step_in_epoch == 0
+        scheduled = bool(self.training.eval_steps) and step % self.training.eval_steps == 0
+        if self.data.validation and (scheduled or (epoch_end and self._epoch_restarts_possible())):
+            self._evaluate_and_log(epoch_end=epoch_end)
+            if self._epoch_restart is not None:
+                self._restart_epoch()
+                return
         if step < self.total_steps and (
             (self.training.save_steps and step % self.training.save_steps == 0) or self._stop_signal is not None
         ):
@@ -531,11 +571,52 @@ class Trainer:
                 f"`preftune train ... --set resume_from=latest` (output_dir {self.run_dir})"
             )
 
+    def _restart_epoch(self) -> None:
+        """Roll back to the start of the epoch that just ended, as a resume from its first checkpoint would, and train it again."""
+        request, self._epoch_restart = self._epoch_restart, None
+        abandoned_step, restarts = self.state.global_step, self.state.epoch_restarts + 1
+        start = abandoned_step - self.steps_per_epoch
+        checkpoint = checkpoint_path(self.run_dir, start)
+        if not checkpoint.is_dir():
+            raise CheckpointError(
+                f"an epoch restart needs the epoch-start checkpoint {checkpoint}, which is missing "
+                "(removed, or this run was resumed from a copied checkpoint without it)"
+            )
+        self.accelerator.wait_for_everyone()
+        if self.log is not None:
+            self.log.close()
+        rows = self.resume(checkpoint)
+        self.state.epoch_restarts = restarts
+        if self.accelerator.is_main_process:
+            run_folder.roll_back(self.run_dir, start, rows)
+            remove_checkpoints_after(self.run_dir, start)
+            self.log = MetricsLog(
+                self.run_dir,
+                tensorboard="tensorboard" in self.training.report_to,
+                jsonl="jsonl" in self.training.report_to,
+                purge_step=start + 1,
+            )
+        epoch = self.state.epoch
+        details = {
+            "what_it_means": f"steps {start + 1}–{abandoned_step} were trained, judged at the epoch's end and dropped; "
+            "the epoch is trained again from its start with the same data order",
+            **{key: value for key, value in request.items() if key != "reason"},
+            "epoch": epoch, "restart": restarts, "abandoned_step": abandoned_step,
+        }
+        self.alert("epoch_restart", f"epoch {epoch} restarted from step {start} (restart {restarts}): {request['reason']}", **details)
+        context = self._context()
+        context.epoch_restart = request
+        for controller in self.controllers:
+            self._log(controller.on_epoch_restart(context) or {})
+        self._take_lr_scale(context)
+        self._checkpointed_step = None
+        self.save_checkpoint()  # the epoch start again, with what on_epoch_restart changed: what a resume continues
+
     def _evaluated_at(self, step: int) -> bool:
         return bool(self.state.eval_history) and self.state.eval_history[-1]["step"] == step
 
-    def _evaluate_and_log(self) -> dict[str, float]:
-        summary = self.evaluate()
+    def _evaluate_and_log(self, *, epoch_end: bool = False) -> dict[str, float]:
+        summary = self.evaluate(epoch_end=epoch_end)
         self._log(summary)
         accuracy = summary.get("eval/rewards/accuracies")
         shown = f"accuracy {accuracy:.3f}  " if accuracy is not None else ""
