@@ -144,7 +144,8 @@ class Trainer:
 
     def micro_batch_loss(self, examples: list) -> LossOutput:
         batch = self.layout.collate(examples, pad_id=self.pad_id).to(self.accelerator.device)
-        reference = self.layout.split(self.reference_logps(batch), examples, batch) if self.reference is not None else None
+        uses_reference = self.reference is not None and self.method.reference_in_loss
+        reference = self.layout.split(self.reference_logps(batch), examples, batch) if uses_reference else None
         policy = self.layout.split(self.policy_logps(batch), examples, batch)
         return self.loss(policy, reference, **self.loss_inputs())
 
