@@ -2,16 +2,22 @@
 
     python benchmarks/bench_grpo_vs_trl.py               # 6 steps each
     python benchmarks/bench_grpo_vs_trl.py --steps 3
+    python benchmarks/bench_grpo_vs_trl.py --steps 2 --threads 1   # on a busy machine: compare CPU s/step
 
 The job (issue 13's setting): SmolLM2-135M (preftune's embedded default; TRL gets the converted
-folder from `resolve_model_path`), float32, LoRA r=16 alpha=32 on q_proj/v_proj, the shipped
+folder from `resolve_model_path`), preftune's `model.dtype` (default auto: the frozen decoder
+linears in bf16 on CPUs with avx512_bf16/AMX, see preftune/model/precision.py; `--dtype float32`
+for an fp32 base) against TRL in float32, LoRA r=16 alpha=32 on q_proj/v_proj, the shipped
 hh-rlhf train prompts (the same prompts in the same order for both), 2 prompts per step × G = 4
 completions, at most 48 new tokens, temperature 1, β = 0.04, one policy update per generation
 batch, a length reward (1 − |words − 20| / 20, clipped at 0), lr 1e-5 constant, same seed, no
 gradient checkpointing, GRPO's per-sequence loss mean on both sides. No vLLM on either side.
 
 Each trainer runs in a fresh process (so peak RSS is its own). Reported: steady-state steps/s and
-generated tokens/s (the first step excluded), peak RSS. Results are appended to
+generated tokens/s (the first step excluded), peak RSS, and the process CPU seconds per step. On a
+machine other jobs share, wall times mostly measure the contention (a 2-thread process whose
+threads are descheduled in turn waits at every op's barrier); CPU seconds per step at
+`--threads 1` still compare the work each trainer does. Results are appended to
 benchmarks/results.md. TRL is a benchmark-only extra (`pip install -e '.[bench]'`).
 """
 
@@ -47,12 +53,12 @@ def length_reward(prompts=None, completions=None, **unused) -> list[float]:
     return [1.0 - min(1.0, abs(len(text.split()) - LENGTH_TARGET) / LENGTH_TARGET) for text in texts]
 
 
-def preftune_config(output_dir: Path, steps: int, *, gradient_checkpointing: bool):
+def preftune_config(output_dir: Path, steps: int, *, gradient_checkpointing: bool, dtype: str = "auto"):
     from preftune.config import validate_config
 
     return validate_config({
         "output_dir": str(output_dir),
-        "model": {"name_or_path": MODEL, "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}},
+        "model": {"name_or_path": MODEL, "dtype": dtype, "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}},
         "data": {"train_file": "hh-rlhf-harmless:train", "max_validation_samples": 1, "max_length": MAX_PROMPT_TOKENS + MAX_NEW_TOKENS,
                  "max_prompt_length": MAX_PROMPT_TOKENS},
         "method": {"loss_type": "grpo", "num_generations": GROUP, "beta": BETA,
@@ -71,16 +77,19 @@ def peak_rss_gb() -> float:
 def run_preftune(args) -> dict:
     from preftune.run import build_trainer
 
-    trainer = build_trainer(preftune_config(Path(args.workdir) / "preftune", args.steps, gradient_checkpointing=False))
-    step_seconds, tokens, rewards = [], [], []
+    config = preftune_config(Path(args.workdir) / "preftune", args.steps, gradient_checkpointing=False, dtype=args.dtype)
+    trainer = build_trainer(config)
+    step_seconds, cpu_seconds, tokens, rewards = [], [], [], []
     for step in range(args.steps):
         trainer.state.global_step = step
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         metrics = trainer.optimizer_step(trainer.step_micro_batches(epoch=0, step_in_epoch=step))
         step_seconds.append(time.perf_counter() - started)
+        cpu_seconds.append(time.process_time() - cpu_started)
         tokens.append(metrics["completion_length"] * GROUP * PROMPTS_PER_STEP)
         rewards.append(metrics["reward"])
-    return {"step_seconds": step_seconds, "generated_tokens": tokens, "rewards": rewards}
+    return {"step_seconds": step_seconds, "step_cpu_seconds": cpu_seconds, "generated_tokens": tokens, "rewards": rewards,
+            "precision": trainer.identity["precision"]["base_dtype"]}
 
 
 def run_trl(args) -> dict:
@@ -102,13 +111,14 @@ def run_trl(args) -> dict:
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.step_seconds, self.logs, self._started = [], [], None
+            self.step_seconds, self.cpu_seconds, self.logs, self._started = [], [], [], None
 
         def on_step_begin(self, *unused, **unused_kwargs):
-            self._started = time.perf_counter()
+            self._started = (time.perf_counter(), time.process_time())
 
         def on_step_end(self, *unused, **unused_kwargs):
-            self.step_seconds.append(time.perf_counter() - self._started)
+            self.step_seconds.append(time.perf_counter() - self._started[0])
+            self.cpu_seconds.append(time.process_time() - self._started[1])
 
         def on_log(self, _args, _state, _control, logs=None, **unused):
             if logs:
@@ -154,6 +164,7 @@ def run_trl(args) -> dict:
     lengths = [log.get("completions/mean_length", log.get("completion_length")) for log in timer.logs if "loss" in log]
     return {
         "step_seconds": timer.step_seconds,
+        "step_cpu_seconds": timer.cpu_seconds,
         "generated_tokens": [length * GROUP * PROMPTS_PER_STEP for length in lengths if length is not None],
         "rewards": [log.get("reward") for log in timer.logs if "loss" in log],
         "trl_args": {k: v for k, v in settings.items() if k in known and k != "output_dir"},
@@ -161,6 +172,10 @@ def run_trl(args) -> dict:
 
 
 def worker(args) -> None:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     started = time.perf_counter()
     result = run_preftune(args) if args.worker == "preftune" else run_trl(args)
     result["peak_rss_gb"] = peak_rss_gb()
@@ -168,9 +183,11 @@ def worker(args) -> None:
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
-def launch(name: str, steps: int) -> dict:
+def launch(name: str, args) -> dict:
+    steps = args.steps
     with tempfile.TemporaryDirectory(prefix=f"bench-grpo-{name}-") as workdir:
-        command = [sys.executable, __file__, "--worker", name, "--steps", str(steps), "--workdir", workdir]
+        command = [sys.executable, __file__, "--worker", name, "--steps", str(steps), "--workdir", workdir,
+                   "--threads", str(args.threads), "--dtype", args.dtype]
         print(f"[{time.strftime('%H:%M:%S')}] {name}: {steps} steps", flush=True)
         completed = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     lines = [line for line in completed.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
@@ -183,8 +200,10 @@ def launch(name: str, steps: int) -> dict:
     result.update(name=name, steps=steps)
     result["steps_per_second"] = len(measured) / sum(measured)
     result["seconds_per_step"] = sum(measured) / len(measured)
+    cpu = result["step_cpu_seconds"][1:] or result["step_cpu_seconds"]
+    result["cpu_seconds_per_step"] = sum(cpu) / len(cpu)
     result["generated_tokens_per_second"] = sum(tokens) / sum(measured[: len(tokens)]) if tokens else float("nan")
-    print(f"    {result['seconds_per_step']:.2f} s/step, {result['generated_tokens_per_second']:.1f} generated tokens/s, "
+    print(f"    {result['seconds_per_step']:.2f} s/step ({result['cpu_seconds_per_step']:.2f} CPU s/step), {result['generated_tokens_per_second']:.1f} generated tokens/s, "
           f"peak RSS {result['peak_rss_gb']:.2f} GB", flush=True)
     return result
 
@@ -192,6 +211,8 @@ def launch(name: str, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads in each trainer (0 = torch's default)")
+    parser.add_argument("--dtype", default="auto", help="preftune's model.dtype (TRL runs float32)")
     parser.add_argument("--worker", choices=["preftune", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -199,7 +220,7 @@ def main() -> None:
         worker(args)
         return
     load_before = os.getloadavg()
-    ours, theirs = launch("preftune", args.steps), launch("trl", args.steps)
+    ours, theirs = launch("preftune", args), launch("trl", args)
     load_after = os.getloadavg()
     import platform
 
@@ -211,14 +232,17 @@ def main() -> None:
         f"\n## GRPO vs TRL GRPOTrainer — {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}\n",
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
         f"trl {trl.__version__}; load average before/after {load_before[0]:.2f}/{load_after[0]:.2f}. "
-        f"SmolLM2-135M fp32, LoRA r16 q/v, {PROMPTS_PER_STEP} prompts × G={GROUP}, ≤{MAX_NEW_TOKENS} new tokens, β {BETA}, length reward, "
+        f"SmolLM2-135M (preftune model.dtype {args.dtype}: {ours.get('precision') or '?'}; TRL fp32), "
+        f"{'torch threads ' + str(args.threads) + ', ' if args.threads else ''}LoRA r16 q/v, {PROMPTS_PER_STEP} prompts × G={GROUP}, ≤{MAX_NEW_TOKENS} new tokens, β {BETA}, length reward, "
         f"{args.steps} steps (first excluded).\n",
-        "| trainer | s/step | steps/s | generated tokens/s | peak RSS GB | vs TRL steps/s |",
-        "|---|---|---|---|---|---|",
+        "| trainer | s/step | steps/s | CPU s/step | generated tokens/s | peak RSS GB | vs TRL steps/s | vs TRL CPU s/step |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for result, versus in ((ours, f"{ratio:.2f}×"), (theirs, "1.00×")):
+    cpu_ratio = theirs["cpu_seconds_per_step"] / ours["cpu_seconds_per_step"]
+    for result, versus, cpu_versus in ((ours, f"{ratio:.2f}×", f"{cpu_ratio:.2f}× less"), (theirs, "1.00×", "1.00×")):
         lines.append(f"| {result['name']} | {result['seconds_per_step']:.2f} | {result['steps_per_second']:.3f} | "
-                     f"{result['generated_tokens_per_second']:.1f} | {result['peak_rss_gb']:.2f} | {versus} |")
+                     f"{result['cpu_seconds_per_step']:.2f} | {result['generated_tokens_per_second']:.1f} | {result['peak_rss_gb']:.2f} | "
+                     f"{versus} | {cpu_versus} |")
     text = "\n".join(lines) + "\n"
     print(text)
     with (HERE / "results.md").open("a", encoding="utf-8") as out:

@@ -35,6 +35,8 @@ def build_trainer(config: RunConfig, *, console: Console | None = None) -> Train
     data = prepare_examples(
         config.data, tokenizer, seed=config.training.seed, paired=shape is DataShape.PAIRED, prompts=shape is DataShape.PROMPTS
     )
+    if config.method_spec.check_examples is not None:  # e.g. a reward's dataset column, before the slow model load
+        config.method_spec.check_examples(config.method, [*data.train, *data.validation])
     state = PartialState(cpu=not torch.cuda.is_available())
     if state.is_main_process:
         console.print(escape(data.summary()))

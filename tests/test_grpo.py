@@ -3,6 +3,8 @@ the reward rising, exact resume, and the run folder + report as for offline meth
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -111,8 +113,9 @@ def test_kl_is_exactly_zero_at_step_zero_and_the_run_folder_is_complete(tmp_path
     rows = [row for row in runfolder.read_jsonl(run_dir / runfolder.METRICS) if "loss" in row]
     assert rows[0]["step"] == 1 and rows[0]["kl"] == 0.0  # step 1's loss is computed with the step-0 weights
     assert rows[1]["kl"] > 0.0
-    for key in ("reward", "reward_std", "reward/contains", "completion_length", "clip_ratio"):
+    for key in ("reward", "reward_std", "reward/contains", "completion_length", "clip_ratio", "entropy"):
         assert key in rows[0]
+    assert 0 < rows[0]["entropy"] <= math.log(len(load_test_tokenizer())) + 1e-6  # nats, at most log V
     assert runfolder.evaluation_steps(run_dir) == [0, 2]
     evaluation = runfolder.read_jsonl(runfolder.evaluation_path(run_dir, 0))
     assert len(evaluation) == 4 and len(evaluation[0]["answer_tokens"]) == 4 and "reward" in evaluation[0]
@@ -160,3 +163,28 @@ def test_grpo_raises_the_mean_reward(tmp_path, model_dir):
     rewards = [row["reward"] for row in runfolder.read_jsonl(run_dir / runfolder.METRICS) if "loss" in row]
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
     assert first < 0.5 and last > first + 0.3, rewards
+
+
+def answer_length(prompts, completions, answer):
+    """A reward that reads the dataset column `answer` (named without a default, so it is required)."""
+    return [float(len(text)) for text in answer]
+
+
+def test_reward_columns_reach_the_reward_and_a_missing_one_fails_before_the_model_loads(tmp_path, model_dir):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Hello there", "answer": "a"}\n{"prompt": "How are you?", "answer": "abc"}\n', encoding="utf-8")
+    data = {"train_file": str(prompts), "validation_file": str(prompts), "max_train_samples": None, "max_validation_samples": None}
+    rewards = [{"function": "tests.test_grpo:answer_length"}]
+    run_dir = tmp_path / "run"
+    build_trainer(_config(run_dir, model_dir, method={"rewards": rewards}, data=data,
+                          training={"max_steps": 1, "eval_steps": 100})).train()
+    (row,) = [row for row in runfolder.read_jsonl(run_dir / runfolder.METRICS) if "loss" in row]
+    assert row["reward"] == (1 + 3) / 2  # both prompts in the one step, each completion scored by its prompt's answer
+
+    prompts.write_text('{"prompt": "Hello there", "answer": "a"}\n{"prompt": "How are you?", "solution": "abc"}\n', encoding="utf-8")
+    for terms in (rewards, [{"function": "exact_match", "column": "answer"}]):
+        with pytest.raises(DataError, match=r"prompts\.jsonl:2: reward '.*' needs the column 'answer'.*its columns: solution"):
+            build_trainer(_config(tmp_path / "again", model_dir, method={"rewards": terms}, data=data))
+    hh = _config(tmp_path / "hh", model_dir, method={"rewards": [{"function": "exact_match"}]})
+    with pytest.raises(DataError, match=r"train\.jsonl:\d+: .*column 'answer'.*none besides the prompt"):
+        build_trainer(hh)  # a paired file read as prompts has no columns

@@ -120,3 +120,19 @@ def test_settings_are_validated_and_vllm_is_refused(tokenizer, prompt_ids):
     model = tiny_llama(len(tokenizer))
     with pytest.raises(PreftuneError, match="vllm"):
         generate(model, tokenizer, prompt_ids, GenerationSettings(backend="vllm"), seed=0)
+
+
+def test_entropy_is_the_models_next_token_entropy_averaged_over_the_kept_tokens(tokenizer, prompt_ids):
+    model = tiny_llama(len(tokenizer)).eval()
+    # Sampling at temperature 2 with top-k: the recorded entropy is still the model's own (T = 1) distribution.
+    settings = GenerationSettings(max_new_tokens=5, temperature=2.0, top_k=20, num_return_sequences=2)
+    generations = generate(model, tokenizer, prompt_ids, settings, seed=3)
+    for row, ids in enumerate(generations.completion_ids):
+        prompt = prompt_ids[generations.prompt_index[row]]
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1 : len(prompt) - 1 + len(ids)]
+        probabilities = torch.softmax(logits.double(), dim=-1)
+        by_hand = (-(probabilities * probabilities.log()).sum(dim=-1)).mean().item()
+        assert generations.entropy[row] == pytest.approx(by_hand, rel=1e-4)
+    # A uniform distribution over the vocabulary would be log V; a random tiny model is close to it, never above.
+    assert all(0 < value <= torch.log(torch.tensor(float(len(tokenizer)))).item() + 1e-6 for value in generations.entropy)

@@ -142,3 +142,18 @@ def test_reward_model_builtin_scores_like_the_model(tmp_path):
     expected = score_texts(model, tokenizer, prompts, completions)
     assert reward(prompts, completions) == pytest.approx([2 * value for value in expected], abs=1e-5)
     assert all(math.isfinite(value) for value in expected) and expected[0] != expected[1]
+
+
+def _named_answer(prompts, completions, answer, *, scale=1.0, **columns):
+    return [scale] * len(completions)
+
+
+def test_required_columns_are_exact_matchs_column_and_a_user_functions_parameters_without_defaults():
+    from preftune.online.rewards import required_columns
+
+    (exact,) = validate_reward_terms([{"function": "exact_match", "column": "solution"}])
+    assert required_columns(exact) == ("solution",)
+    (named,) = validate_reward_terms([{"function": "tests.test_online_rewards:_named_answer"}])
+    assert required_columns(named) == ("answer",)  # scale has a default, **columns is optional
+    (length,) = validate_reward_terms([{"function": "length", "target": 3}])
+    assert required_columns(length) == ()

@@ -11,7 +11,7 @@ import torch
 from preftune import runfolder
 from preftune.config import validate_config
 from preftune.methods.base import GroupLogps
-from preftune.methods.ppo import VALUE_HEAD, PPOLoss, PPOSample, PPOSettings
+from preftune.methods.ppo import VALUE_HEAD, PPOLoss, PPOSample, PPOSettings, step_explained_variance
 from preftune.run import build_trainer
 from tests.support import save_tiny_model, tiny_run_config
 
@@ -46,6 +46,21 @@ def test_the_clipped_losses_match_a_hand_calculation():
     assert output.metrics["policy/clip_fraction"].item() == 0.5
 
 
+def test_explained_variance_matches_a_hand_calculation_and_reaches_the_metrics():
+    returns = torch.tensor([1.0, 2.0, 3.0, 4.0])  # Var = 1.25
+    values = torch.tensor([1.5, 2.0, 2.5, 4.0])  # R − V = (−0.5, 0, 0.5, 0): mean 0, Var = 0.125
+    assert step_explained_variance(values, returns) == pytest.approx(1 - 0.125 / 1.25)  # 0.9
+    assert step_explained_variance(returns, returns) == 1.0
+    assert step_explained_variance(torch.full((4,), 2.5), returns) == pytest.approx(0.0)  # the mean explains nothing
+    assert step_explained_variance(values, torch.ones(4)) == 0.0  # constant returns: nothing to explain
+    settings = PPOSettings(loss_type="ppo")
+    sample = PPOSample([1], ([5, 6],), scores=(1.0,), old_logps=(-1.0, -1.0), old_values=(0.0, 0.0),
+                       advantages=(1.0, -1.0), returns=(1.0, 0.0), entropy=2.5, explained_variance=0.9)
+    output = PPOLoss(settings)(GroupLogps(torch.full((1, 1, 2), -1.0), torch.ones(1, 1, 2), None, [sample], torch.zeros(1, 1, 2)), None)
+    assert output.metrics["policy/entropy"].item() == 2.5
+    assert output.metrics["value/explained_variance"].item() == pytest.approx(0.9)
+
+
 def test_ppo_raises_the_reward_with_a_value_head_and_a_checkpointed_kl_controller(tmp_path, model_dir):
     run_dir = tmp_path / "run"
     trainer = build_trainer(_config(run_dir, model_dir, {"kl_coef": 0.01, "adaptive_kl": True, "target_kl": 0.5, "kl_horizon": 100,
@@ -57,6 +72,8 @@ def test_ppo_raises_the_reward_with_a_value_head_and_a_checkpointed_kl_controlle
     assert sum(rewards[:4]) / 4 < 0.5 and sum(rewards[-6:]) / 6 > sum(rewards[:4]) / 4 + 0.3, rewards
     assert rows[0]["reward"] == rows[1]["reward"]  # ppo_epochs 2: one rollout, two updates
     assert rows[0]["kl_coef"] != rows[-1]["kl_coef"]  # the adaptive coefficient moved
+    assert all(row["policy/entropy"] > 0 and row["value/explained_variance"] <= 1 for row in rows)
+    assert rows[-1]["value/explained_variance"] != rows[0]["value/explained_variance"]  # the value head learns
     state = json.loads((run_dir / runfolder.CONTROLLERS).read_text(encoding="utf-8"))["kl_coefficient"]
     assert state["kind"] == "adaptive" and state["value"] == rows[-1]["kl_coef"]
     assert runfolder.evaluation_steps(run_dir) == [0, 30]

@@ -387,13 +387,18 @@ def _parse_prompts(value: dict[str, Any], tokenizer, path: str) -> Example:
         messages = _system_turn(value) + message_list(value, "messages")
         if not messages or messages[-1]["role"] == "assistant":
             raise SkipRecord("no_turn_to_answer", "the messages must end with the turn to answer, not an assistant turn", "messages")
-        return Example(render_prompt(tokenizer, messages, path), ())
+        return Example(render_prompt(tokenizer, messages, path), (), columns=_other_fields(value))
     prompt = required_field(value, "prompt", (str, list))
     if isinstance(prompt, list):
         prompt = render_prompt(tokenizer, message_list(value, "prompt"), path)
     elif not prompt.strip():
         raise SkipRecord("empty_prompt", "the prompt is empty", "prompt")
-    return Example(prompt, ())
+    return Example(prompt, (), columns=_other_fields(value))
+
+
+def _other_fields(value: dict[str, Any]) -> dict[str, Any]:
+    """A prompt record's fields besides the prompt itself: the columns reward functions may read (a reference answer)."""
+    return {key: field for key, field in value.items() if key not in ("prompt", "messages", "system")}
 
 
 _PARSERS: dict[str, Callable[[dict[str, Any], Any, str], Example]] = {

@@ -214,4 +214,7 @@ def _balance_and_audit(
 
 
 def _prompts_only(examples: list[Example]) -> list[Example]:
-    return [Example(example.prompt, (), provenance=example.provenance, origin=example.origin) for example in examples]
+    return [
+        Example(example.prompt, (), provenance=example.provenance, origin=example.origin, columns=example.columns)
+        for example in examples
+    ]

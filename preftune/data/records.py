@@ -13,6 +13,7 @@ One record shape for every method: a prompt with K answers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 SHOWN_PER_REASON = 3
 PROVENANCES = ("human", "synthetic")
@@ -28,6 +29,8 @@ class Example:
     is desirable, `scores[k]` is its score; either is None or has one entry per answer.
     `provenance` is "human", "synthetic" or unknown (None); `origin` is where the record came
     from, "path:line" (JSONL and JSON arrays) or "path:record N" (Parquet), for messages.
+    `columns` are a prompt-only record's other fields (e.g. a reference `answer`), which the online
+    methods hand to their reward functions.
     """
 
     prompt: str
@@ -36,6 +39,7 @@ class Example:
     scores: tuple[float, ...] | None = None
     provenance: str | None = None
     origin: str = ""
+    columns: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_per_answer(self.answers, self.labels, self.scores, self.provenance)
@@ -85,6 +89,7 @@ class TokenizedExample:
     scores: tuple[float, ...] | None = None
     provenance: str | None = None
     origin: str = ""
+    columns: dict[str, Any] = field(default_factory=dict)  # the record's other fields (see `Example`)
 
     def __post_init__(self) -> None:
         _check_per_answer(self.answer_ids, self.labels, self.scores, self.provenance)

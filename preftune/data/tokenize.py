@@ -126,7 +126,9 @@ def tokenize_examples(
         report.prompt_truncated += prompt_truncated
         report.answer_truncated += answer_truncated
         tokenized.append(
-            TokenizedExample(prompt_ids, tuple(answer_ids), example.labels, example.scores, example.provenance, example.origin)
+            TokenizedExample(
+                prompt_ids, tuple(answer_ids), example.labels, example.scores, example.provenance, example.origin, example.columns
+            )
         )
     report.kept = len(tokenized)
     return tokenized, report

@@ -247,6 +247,10 @@ class Method:
     data_shape: DataShape = DataShape.PAIRED
     # Whether a reference is built; a function of the settings when it depends on them (GRPO: β > 0).
     needs_reference: bool | Callable[[Any], bool] = True
+    # Checks the loaded examples before the model loads: (settings, train + validation examples) -> None or a DataError.
+    check_examples: Callable[[Any, list[Any]], None] | None = None
+    # Whether the loss reads the reference's log-probs; False (PPO: they enter the rollout's rewards) skips that forward per micro-batch.
+    reference_in_loss: bool = True
     # Online methods: settings -> the rollout that turns prompt examples into scored GROUP examples.
     build_rollout: Callable[[Any], Rollout] | None = None
     # What the policy is: a causal LM, or a sequence-classification reward model (a scalar head).

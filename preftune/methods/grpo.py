@@ -38,19 +38,21 @@ from preftune.methods.base import (
 )
 from preftune.online.advantages import group_advantages
 from preftune.online.generation import GenerationSettings, generate
-from preftune.online.rewards import CombinedReward, RewardTerm, validate_reward_terms
+from preftune.online.rewards import CombinedReward, RewardTerm, check_reward_columns, validate_reward_terms
 
 
 @dataclass(frozen=True)
 class RolloutGroup(TokenizedExample):
     """A prompt with its G generated answers. `scores` are the total rewards; `reward_terms` each term's
     unweighted rewards; `old_logps` πold's per-token log-probs per answer (None = one update per rollout,
-    πold = πθ); `token_weight` = n / N for token aggregation; `stopped` per answer (False = cut by max_new_tokens)."""
+    πold = πθ); `token_weight` = n / N for token aggregation; `stopped` per answer (False = cut by max_new_tokens);
+    `entropy` per answer: the policy's mean next-token entropy over the answer at generation (nats)."""
 
     reward_terms: dict[str, tuple[float, ...]] = field(default_factory=dict)
     old_logps: tuple[tuple[float, ...], ...] | None = None
     token_weight: float = 1.0
     stopped: tuple[bool, ...] = ()
+    entropy: tuple[float, ...] = ()
 
 
 class GRPOSettings(MethodSettings):
@@ -120,7 +122,9 @@ class GRPORollout:
         G = self.settings.num_generations
         generations = generate(context.policy, context.tokenizer, [e.prompt_ids for e in flat], self.settings.sampling(), seed=seed)
         prompts = context.tokenizer.batch_decode([e.prompt_ids for e in flat], skip_special_tokens=True)
-        scores = self.reward.score([prompts[i] for i in generations.prompt_index], generations.texts)
+        scores = self.reward.score(
+            [prompts[i] for i in generations.prompt_index], generations.texts, **self.reward.columns_for(flat, generations.prompt_index)
+        )
         tokens = sum(len(ids) for ids in generations.completion_ids)
         token_weight = len(flat) / max(tokens, 1)
         groups = []
@@ -135,6 +139,7 @@ class GRPORollout:
                 reward_terms={name: tuple(values[row] for row in rows) for name, values in scores.per_function.items()},
                 token_weight=token_weight,
                 stopped=tuple(generations.stopped[row] for row in rows),
+                entropy=tuple(generations.entropy[row] for row in rows),
             ))
         sizes = [len(batch) for batch in micro_batches]
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
@@ -189,6 +194,8 @@ class GRPOLoss:
             "completion_length": mask3.sum(dim=2).mean(dim=1),
             "completion_stopped": torch.tensor([sum(g.stopped) / G if g.stopped else 1.0 for g in groups], device=device),
             "advantage_abs": advantages.view(E, G).abs().mean(dim=1),
+            # the rollout policy's mean next-token entropy (nats), from generation's logits: no extra forward
+            "entropy": torch.tensor([sum(g.entropy) / G if g.entropy else 0.0 for g in groups], device=device),
         }
         for name in groups[0].reward_terms:
             metrics[f"reward/{name}"] = torch.tensor([sum(g.reward_terms[name]) / G for g in groups], device=device)
@@ -223,6 +230,7 @@ METHOD = Method(
     data_shape=DataShape.PROMPTS,
     needs_reference=lambda s: s.beta > 0,
     build_rollout=GRPORollout,
+    check_examples=lambda s, examples: check_reward_columns(s.rewards, examples),
 )
 
 __all__ = ["GRPOLoss", "GRPORollout", "GRPOSettings", "METHOD", "RolloutGroup", "rollout_seed"]

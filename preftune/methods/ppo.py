@@ -12,12 +12,19 @@ and each micro-batch's loss per example (token mean over its completion, `ppo_lo
 
     ℓ_t = max(−A ρ, −A clip(ρ, 1 ± ε)) + c_v · ½ max((V − R)², (V_old + clip(V − V_old, ±ε_v) − R)²)
 
+Logged besides the losses: `policy/entropy`, the rollout policy's mean next-token entropy over each
+completion (nats, from the logits generation computed; no extra forward), and
+`value/explained_variance` = 1 − Var(R − V_old) / Var(R) over the step's completion tokens (the
+value head's fit to the returns it is trained on: 1 = perfect, 0 = no better than the mean, < 0
+worse; CleanRL's and TRL's `explained_variance`).
+
 The KL coefficient is a controller (`KLCoefficient`, fixed or adaptive, its state checkpointed)
 that reads the step's measured KL and hands β to the next rollout through the loss inputs.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -30,6 +37,7 @@ from preftune.data.records import TokenizedExample
 from preftune.logprobs import SequenceLogps, sequence_logps
 from preftune.losses import LossOutput
 from preftune.losses.aggregation import masked_mean
+from preftune.losses.ppo import explained_variance
 from preftune.methods.base import (
     LAYOUTS, DataShape, ExampleLayout, GroupLogps, Method, MethodSettings, RolloutContext, RolloutReuse, collate_groups,
     per_token_matrix, token_matrix,
@@ -38,7 +46,7 @@ from preftune.methods.grpo import rollout_seed
 from preftune.online.advantages import gae, reward_at_last_token
 from preftune.online.generation import GenerationSettings, generate
 from preftune.online.kl_control import AdaptiveKLController, FixedKLController
-from preftune.online.rewards import CombinedReward, RewardTerm, validate_reward_terms
+from preftune.online.rewards import CombinedReward, RewardTerm, check_reward_columns, validate_reward_terms
 
 VALUE_HEAD = "value_head"
 
@@ -52,6 +60,8 @@ class PPOSample(TokenizedExample):
     advantages: tuple[float, ...] = ()
     returns: tuple[float, ...] = ()
     kl: float = 0.0  # Σ_t (log πold − log πref): the sequence's KL estimate
+    entropy: float = 0.0  # the rollout policy's mean next-token entropy over the completion (nats)
+    explained_variance: float = 0.0  # 1 − Var(R − V_old) / Var(R) over the step's completion tokens
     reward_terms: dict[str, float] = field(default_factory=dict)
 
 
@@ -152,10 +162,10 @@ class PPORollout:
             seed=rollout_seed(context.seed, block, context.evaluation),
         )
         prompts = context.tokenizer.batch_decode([e.prompt_ids for e in flat], skip_special_tokens=True)
-        scores = self.reward.score(prompts, generations.texts)
+        scores = self.reward.score(prompts, generations.texts, **self.reward.columns_for(flat, generations.prompt_index))
         samples = [
             PPOSample(example.prompt_ids, (generations.completion_ids[i],), scores=(scores.total[i],), provenance="synthetic",
-                      origin=example.origin, reward_terms={name: values[i] for name, values in scores.per_function.items()})
+                      origin=example.origin, entropy=generations.entropy[i], reward_terms={name: values[i] for name, values in scores.per_function.items()})
             for i, example in enumerate(flat)
         ]
         sizes = [len(batch) for batch in micro_batches]
@@ -165,6 +175,10 @@ class PPORollout:
         if self.settings.whiten_advantages and computed:
             everything = torch.cat([adv[mask.bool()] for _, adv, _, mask, _ in computed])
             mean, std = everything.mean(), everything.var(unbiased=False).add(1e-8).sqrt()
+        variance_explained = step_explained_variance(
+            torch.cat([values[mask.bool()] for _, _, _, mask, (values, _) in computed]),
+            torch.cat([returns[mask.bool()] for _, _, returns, mask, _ in computed]),
+        ) if computed else 0.0
         result, index = [], 0
         for batch in batches:
             if not batch:
@@ -180,6 +194,7 @@ class PPORollout:
                 rows.append(replace(
                     sample, old_logps=tuple(logps[e, :n].tolist()), old_values=tuple(values[e, :n].tolist()),
                     advantages=tuple(advantages[e, :n].tolist()), returns=tuple(returns[e, :n].tolist()), kl=float(kl[e].item()),
+                    explained_variance=variance_explained,
                 ))
             result.append(rows)
         self.reuse.keep(context, result)
@@ -199,6 +214,13 @@ class PPORollout:
         token_rewards = reward_at_last_token(score, mask) - beta * kl_tokens
         advantages, returns = gae(token_rewards, values, mask, gamma=self.settings.gamma, lam=self.settings.lam)
         return logps, advantages, returns, mask, (values, kl_tokens.sum(dim=1))
+
+
+def step_explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
+    """`losses.ppo.explained_variance` over the step's tokens (1-D tensors); 0 instead of NaN when the
+    returns do not vary (nothing to explain: the ratio is NaN or −inf), so a constant-reward step logs a finite metric."""
+    value = explained_variance(values, returns, torch.ones_like(returns)).item()
+    return value if math.isfinite(value) else 0.0
 
 
 def _matrix(rows: list[tuple[float, ...]], width: int, device) -> torch.Tensor:
@@ -238,6 +260,8 @@ class PPOLoss:
             ),
             "policy/approx_kl": masked_mean(torch.exp(log_ratio) - 1 - log_ratio, mask, dim=1),
             "completion_length": mask.sum(dim=1),
+            "policy/entropy": torch.tensor([x.entropy for x in samples], device=device),
+            "value/explained_variance": torch.tensor([x.explained_variance for x in samples], device=device),
         }
         for name in samples[0].reward_terms:
             metrics[f"reward/{name}"] = torch.tensor([x.reward_terms[name] for x in samples], device=device)
@@ -251,8 +275,10 @@ METHOD = Method(
     build_loss=PPOLoss,
     data_shape=DataShape.PROMPTS,
     needs_reference=True,
+    reference_in_loss=False,  # the reference's log-probs enter the rollout's per-token rewards only
     controllers=lambda s: [KLCoefficient(s)],
     build_rollout=PPORollout,
+    check_examples=lambda s, examples: check_reward_columns(s.rewards, examples),
     example_layout=PPO_LAYOUT,
     attach_heads=attach_value_head,
 )

@@ -4,6 +4,11 @@
 temperature / top-p / top-k, EOS and stop strings, G completions per prompt), seeded so the same
 seed gives the same completions, and with the LoRA adapter on (the policy) or off (the reference,
 through peft's `disable_adapter()`; no second copy of the weights).
+
+Each completion also gets the mean entropy of the model's next-token distribution over its tokens,
+H_t = −Σ_v π(v | context_t) log π(v | context_t) in nats, read from the logits `generate` computes
+anyway (before temperature and top-p/top-k, so it is the model's own distribution at T = 1): the
+online methods log it as the policy's entropy without another forward pass.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from preftune.errors import ConfigError, PreftuneError
 from preftune.model.lora import is_lora
@@ -61,13 +66,15 @@ class Generations:
 
     `completion_ids` stop after the first EOS (kept) or the token that completes a stop string (kept);
     `stopped` says whether that happened (False = cut by max_new_tokens); `texts` are the completions
-    decoded without special tokens.
+    decoded without special tokens; `entropy` is each completion's mean next-token entropy over its kept
+    tokens (nats; see the module docstring).
     """
 
     completion_ids: list[list[int]]
     prompt_index: list[int]
     texts: list[str]
     stopped: list[bool]
+    entropy: list[float]
 
 
 def generate(
@@ -100,6 +107,7 @@ def generate(
 
     completion_ids: list[list[int]] = []
     stopped: list[bool] = []
+    entropy: list[float] = []
     was_training = model.training
     model.eval()
     devices = [device] if device.type == "cuda" else []
@@ -108,23 +116,47 @@ def generate(
             torch.manual_seed(seed)
             for start in range(0, len(prompt_ids), batch_size):
                 input_ids, attention_mask = _left_pad(prompt_ids[start : start + batch_size], pad_id, device)
+                recorder = EntropyRecorder()
                 output = model.generate(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
                     generation_config=config,
+                    logits_processor=LogitsProcessorList([recorder]),
                     tokenizer=tokenizer if settings.stop_strings else None,
                 )
-                for row in output[:, input_ids.shape[1] :].tolist():
+                per_step = recorder.entropies()  # [rows, generated steps]
+                for index, row in enumerate(output[:, input_ids.shape[1] :].tolist()):
                     ids, ended = _trim(row, eos_id, tokenizer, settings.stop_strings)
                     completion_ids.append(ids)
                     stopped.append(ended)
+                    entropy.append(per_step[index, : len(ids)].mean().item() if ids else 0.0)
     finally:
         model.train(was_training)
 
     group = settings.num_return_sequences
     prompt_index = [index for index in range(len(prompt_ids)) for _ in range(group)]
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    return Generations(completion_ids, prompt_index, texts, stopped)
+    return Generations(completion_ids, prompt_index, texts, stopped, entropy)
+
+
+class EntropyRecorder(LogitsProcessor):
+    """Records H = Σ_v entr(softmax(scores)_v) per row at every generation step and passes the scores on unchanged.
+
+    `generate` applies custom processors before its sampling warpers, so these are the model's logits
+    (the repetition and n-gram modifiers are off, see `_generation_config`). `entr(0) = 0` keeps masked
+    (−inf) entries out of the sum.
+    """
+
+    def __init__(self) -> None:
+        self._steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._steps.append(torch.special.entr(torch.softmax(scores.float(), dim=-1)).sum(dim=-1))
+        return scores
+
+    def entropies(self) -> torch.Tensor:
+        """[rows, steps] in nats."""
+        return torch.stack(self._steps, dim=1).cpu()
 
 
 def _refuse_vllm() -> None:

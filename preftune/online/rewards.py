@@ -18,6 +18,7 @@ and combined as Σ_k weight_k · reward_k per completion.
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import re
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from typing import Annotated, Any, Literal, Protocol
 import torch
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError, field_validator
 
-from preftune.errors import ConfigError, PreftuneError
+from preftune.errors import ConfigError, DataError, PreftuneError
 from preftune.model.loading import load_tokenizer
 from preftune.online.reward_model import build_reward_model, score_texts
 
@@ -280,6 +281,44 @@ def build_reward_function(term: _Term) -> RewardFunction:
     return builders[term.function](**term.model_dump(exclude={"function", "weight"}))
 
 
+def required_columns(term: _Term) -> tuple[str, ...]:
+    """The dataset columns a reward term reads: `exact_match`'s `column`; for a user function, the
+    parameters after (prompts, completions) that have no default (`fn(prompts, completions, answer, **kw)`
+    needs `answer`). Columns a function takes from `**columns` with a fallback are not required."""
+    if isinstance(term, ExactMatchReward):
+        return (term.column,)
+    if not isinstance(term, CustomReward):
+        return ()
+    try:
+        parameters = list(inspect.signature(load_reward_function(term.function)).parameters.values())
+    except (TypeError, ValueError):  # a builtin or C callable without a signature: nothing can be said up front
+        return ()
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return tuple(p.name for p in parameters[2:] if p.kind in named and p.default is inspect.Parameter.empty)
+
+
+def _unique_names(terms: list[_Term]) -> list[str]:
+    names = [term.function for term in terms]
+    return [name if names.count(name) == 1 else f"{name}[{index}]" for index, name in enumerate(names)]
+
+
+def check_reward_columns(terms: list[_Term], examples: list[Any]) -> None:
+    """Before training: every example (with `columns` and `origin`) has every column the reward terms need.
+
+    Raises a `DataError` at the first example without one, naming its file and line, the column and the
+    reward. Only user functions are imported for this; no reward model is loaded."""
+    for name, term in zip(_unique_names(terms), terms):
+        for column in required_columns(term):
+            for example in examples:
+                if column not in example.columns:
+                    present = ", ".join(sorted(example.columns)) or "none besides the prompt"
+                    raise DataError(
+                        f"reward '{name}' needs the column '{column}' in every prompt record, and this one has none "
+                        f"(its columns: {present}); add it, or rename a field to it with data.columns",
+                        path=example.origin or None, field=column,
+                    )
+
+
 @dataclass
 class RewardScores:
     """`total[i]` = Σ_k weight_k · `per_function[name_k][i]` (unweighted per-function rewards, for metrics)."""
@@ -295,12 +334,19 @@ class CombinedReward:
         if not functions:
             raise ConfigError("at least one reward function is needed")
         self.functions = functions
+        self.columns: dict[str, tuple[str, ...]] = {}  # reward name -> the dataset columns it needs
 
     @classmethod
     def from_terms(cls, terms: list[_Term]) -> CombinedReward:
-        names = [term.function for term in terms]
-        unique = [name if names.count(name) == 1 else f"{name}[{index}]" for index, name in enumerate(names)]
-        return cls([(name, term.weight, build_reward_function(term)) for name, term in zip(unique, terms)])
+        unique = _unique_names(terms)
+        combined = cls([(name, term.weight, build_reward_function(term)) for name, term in zip(unique, terms)])
+        combined.columns = {name: required_columns(term) for name, term in zip(unique, terms)}
+        return combined
+
+    def columns_for(self, examples: list[Any], rows: list[int]) -> dict[str, list[Any]]:
+        """The columns the rewards need, one value per completion (`rows[i]` = the example completion i answers)."""
+        needed = sorted({column for columns in self.columns.values() for column in columns})
+        return {column: [examples[row].columns[column] for row in rows] for column in needed}
 
     def score(self, prompts: list[str], completions: list[str], **columns: list[Any]) -> RewardScores:
         if len(prompts) != len(completions):

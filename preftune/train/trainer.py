@@ -161,7 +161,8 @@ class Trainer:
     def micro_batch_logps(self, examples: list) -> tuple[Any, Any]:
         """(policy, reference) log-probs of one micro-batch in the method's shape; reference None without one."""
         batch = self.layout.collate(examples, pad_id=self.pad_id).to(self.accelerator.device)
-        reference = self.layout.split(self.reference_logps(batch), examples, batch) if self.reference is not None else None
+        uses_reference = self.reference is not None and self.method.reference_in_loss
+        reference = self.layout.split(self.reference_logps(batch), examples, batch) if uses_reference else None
         policy = self.layout.split(self.policy_logps(batch), examples, batch)
         return policy, reference
 
