@@ -5,6 +5,10 @@
 - `optimizer.safetensors` + `optimizer.json`: optimiser tensors, and its param groups and scalars
 - `rng.safetensors`: torch CPU (and CUDA) generator states
 - `trainer_state.json`: step, epoch, data position, scheduler, Python RNG, controllers, config
+
+Under FSDP the tensors are gathered to full tensors before they are written (`checkpoint_tensors`, a
+collective) and scattered back into the shards on load, so the files are the same whatever the number
+of processes or the sharding: a checkpoint resumes on any of them.
 """
 
 from __future__ import annotations
@@ -13,12 +17,14 @@ import json
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from preftune.atomic import atomic_directory
 from preftune.errors import CheckpointError
@@ -27,19 +33,39 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+    return {name: _full(p.detach()).contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(
-    target: Path,
-    *,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    trainer_state: dict[str, Any],
-) -> Path:
-    optimizer_tensors, optimizer_meta = _flatten_optimizer(optimizer.state_dict())
+@dataclass
+class CheckpointTensors:
+    """Full (unsharded) trainable weights and optimiser state, on the CPU."""
+
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+
+
+def checkpoint_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, keep: bool) -> CheckpointTensors | None:
+    """What `save_checkpoint` writes, where `keep` (the main process); None elsewhere.
+
+    Sharded (FSDP) tensors are gathered one at a time, which is a collective: then every process
+    must call this, in the same order.
+    """
+    sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    if not keep and not sharded:
+        return None
+    weights = trainable_state(model)
+    state = optimizer.state_dict()
+    state["state"] = {
+        param_id: {key: _full(value) if isinstance(value, torch.Tensor) else value for key, value in sorted(values.items())}
+        for param_id, values in sorted(state["state"].items())
+    }
+    return CheckpointTensors(weights, state) if keep else None
+
+
+def save_checkpoint(target: Path, *, tensors: CheckpointTensors, trainer_state: dict[str, Any]) -> Path:
+    optimizer_tensors, optimizer_meta = _flatten_optimizer(tensors.optimizer)
     with atomic_directory(target) as staging:
-        save_file(trainable_state(model), staging / "trainable.safetensors")
+        save_file(tensors.weights, staging / "trainable.safetensors")
         save_file(optimizer_tensors, staging / "optimizer.safetensors")
         (staging / "optimizer.json").write_text(json.dumps(optimizer_meta), encoding="utf-8")
         save_file(_rng_tensors(), staging / "rng.safetensors")
@@ -49,7 +75,10 @@ def save_checkpoint(
 
 
 def load_checkpoint(source: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore weights, optimiser and RNG in place; return the trainer state."""
+    """Restore weights, optimiser and RNG in place; return the trainer state.
+
+    Every process reads the files; a sharded (FSDP) model and its optimiser take their own shard of each tensor.
+    """
     required = ["trainable.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors", "trainer_state.json"]
     missing = [name for name in required if not (source / name).is_file()]
     if missing:
@@ -64,14 +93,37 @@ def load_checkpoint(source: Path, *, model: torch.nn.Module, optimizer: torch.op
     parameters = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in weights.items():
-            parameters[name].copy_(tensor)
+            _local(parameters[name]).copy_(_local(_shard_like(parameters[name], tensor)))
     meta = json.loads((source / "optimizer.json").read_text(encoding="utf-8"))
-    optimizer.load_state_dict(_unflatten_optimizer(load_file(source / "optimizer.safetensors"), meta))
+    optimizer_state = _unflatten_optimizer(load_file(source / "optimizer.safetensors"), meta)
+    # The optimiser numbers its parameters in param-group order; a state tensor shaped like its parameter is sharded like it.
+    ordered = [p for group in optimizer.param_groups for p in group["params"]]
+    for param_id, values in optimizer_state["state"].items():
+        parameter = ordered[param_id]
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor) and value.shape == parameter.shape:
+                values[key] = _shard_like(parameter, value)
+    optimizer.load_state_dict(optimizer_state)
     _restore_rng(load_file(source / "rng.safetensors"))
     state = json.loads((source / "trainer_state.json").read_text(encoding="utf-8"))
     random.setstate(_tuplify(state.pop("python_rng")))
     np.random.set_state(_numpy_from_json(state.pop("numpy_rng")))
     return state
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _shard_like(parameter: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """`full` laid out as `parameter` is: this process's shard of it under FSDP (sliced locally, no communication)."""
+    if not isinstance(parameter, DTensor):
+        return full
+    return distribute_tensor(full.to(parameter.device), parameter.device_mesh, parameter.placements, src_data_rank=None)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

@@ -22,6 +22,7 @@ from preftune.methods import DataShape, Method
 from preftune.methods.base import ExampleLayout, Loss, Rollout
 from preftune.model.memory import MemoryPlan, default_memory_budget_bytes, estimate_activation_bytes, plan_gradient_checkpointing
 from preftune.model.reference import ReferenceModel
+from preftune.train.distributed import Distribution, plan_distribution
 
 
 @dataclass
@@ -42,6 +43,7 @@ class TrainingParts:
     steps_per_epoch: int
     total_steps: int
     memory: MemoryPlan
+    distribution: Distribution
 
 
 def monitoring_controllers(config: RunConfig) -> list[Controller]:
@@ -89,6 +91,7 @@ def assemble(
     training = config.training
     accelerator = accelerator or Accelerator(mixed_precision=training.mixed_precision, cpu=not torch.cuda.is_available())
     method = config.method_spec
+    distribution = plan_distribution(config, processes=accelerator.num_processes, device=accelerator.device)
     if training.per_device_train_batch_size < method.min_batch_size:
         raise ConfigError(
             f"loss_type {method.name} needs training.per_device_train_batch_size >= {method.min_batch_size} "
@@ -108,8 +111,15 @@ def assemble(
     # Generated completions are new every step: nothing to gain from caching their reference log-probs.
     if reference is not None and training.reference_cache and method.build_rollout is None:
         reference_cache = open_reference_cache(
-            reference.model, root=training.reference_cache_dir, mixed_precision=training.mixed_precision
+            reference.model, root=training.reference_cache_dir, mixed_precision=training.mixed_precision,
+            all_processes_hit=distribution.all_processes_hit if distribution.sharded else None,
         )
+    if distribution.sharded:
+        # After the reference copy and its cache key (both need the full weights), before the optimiser (it
+        # must hold the shards). A full fine-tune's frozen reference is sharded the same way.
+        distribution.shard(policy, keep_blueprint=accelerator.is_main_process)
+        if reference is not None and reference.model is not policy:
+            distribution.shard(reference.model, keep_blueprint=False)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     if not trainable:
         raise PreftuneError("the policy has no trainable parameters")
@@ -146,4 +156,5 @@ def assemble(
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         memory=memory,
+        distribution=distribution,
     )
