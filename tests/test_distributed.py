@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 
 from preftune import runfolder
 from preftune.config import dump_config
+from preftune.errors import ConfigError
+from preftune.train.distributed import LauncherFSDP, launcher_fsdp, plan_distribution
 from preftune.run import build_trainer
 from tests.support import save_tiny_model, tiny_run_config
 
@@ -167,3 +169,53 @@ def test_fsdp_through_accelerate_launch_trains_resumes_and_exports_as_one_proces
         assert [record["crashed"] for record in ranks] == [name == "lora-crash"] * 2
     _assert_same_run(tmp_path / "lora-fsdp", tmp_path / "lora-single")
     _assert_same_run(tmp_path / "full-fsdp", tmp_path / "full-single")
+
+
+# ---- what the launcher passes on, and the layout chosen from it ----------------------------------------------------
+
+# What `accelerate launch --config_file examples/accelerate/fsdp.yaml` sets (checked with a script printing its environment).
+FSDP_YAML_ENVIRONMENT = {
+    "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_SHARDING_STRATEGY": "FULL_SHARD",
+    "FSDP_RESHARD_AFTER_FORWARD": "true", "FSDP_OFFLOAD_PARAMS": "false", "FSDP_MIN_NUM_PARAMS": "100000000",
+    "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP", "FSDP_TRANSFORMER_CLS_TO_WRAP": "LlamaDecoderLayer",
+    "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT", "FSDP_FORWARD_PREFETCH": "false", "FSDP_USE_ORIG_PARAMS": "true",
+    "FSDP_CPU_RAM_EFFICIENT_LOADING": "false", "FSDP_SYNC_MODULE_STATES": "true", "FSDP_ACTIVATION_CHECKPOINTING": "false",
+}
+
+
+def test_the_launchers_fsdp_settings_pass_through_or_are_refused_by_name():
+    assert launcher_fsdp({}) is None
+    assert launcher_fsdp({"ACCELERATE_USE_FSDP": "false"}) is None
+    assert launcher_fsdp(FSDP_YAML_ENVIRONMENT) == LauncherFSDP(reshard_after_forward=True, layer_classes=("LlamaDecoderLayer",))
+    keep_gathered = {**FSDP_YAML_ENVIRONMENT, "FSDP_RESHARD_AFTER_FORWARD": "false", "FSDP_TRANSFORMER_CLS_TO_WRAP": "A, B"}
+    assert launcher_fsdp(keep_gathered) == LauncherFSDP(reshard_after_forward=False, layer_classes=("A", "B"))
+    refused = {
+        "FSDP_VERSION": ("1", "fsdp_version: 1"),
+        "FSDP_OFFLOAD_PARAMS": ("true", "fsdp_offload_params"),
+        "FSDP_ACTIVATION_CHECKPOINTING": ("true", "training.gradient_checkpointing"),
+        "FSDP_CPU_RAM_EFFICIENT_LOADING": ("true", "fsdp_cpu_ram_efficient_loading"),
+        "FSDP_STATE_DICT_TYPE": ("SHARDED_STATE_DICT", "FULL_STATE_DICT"),
+        "FSDP_AUTO_WRAP_POLICY": ("SIZE_BASED_WRAP", "TRANSFORMER_BASED_WRAP"),
+        "FSDP_RESHARD_AFTER_FORWARD": ("FULL_SHARD", "fsdp_reshard_after_forward must be true or false"),
+    }
+    for variable, (value, named) in refused.items():
+        with pytest.raises(ConfigError, match=named):
+            launcher_fsdp({**FSDP_YAML_ENVIRONMENT, variable: value})
+
+
+def test_the_layout_follows_training_fsdp_the_launcher_and_the_process_count(tmp_path):
+    def plan(processes, environ, **training):
+        config = tiny_run_config(tmp_path, tmp_path, training=training)
+        return plan_distribution(config, processes=processes, device=torch.device("cpu"), environ=environ)
+
+    assert plan(1, FSDP_YAML_ENVIRONMENT).strategy == "single"
+    assert plan(2, {}).strategy == "data_parallel"  # auto without an FSDP launcher config
+    assert plan(2, FSDP_YAML_ENVIRONMENT, fsdp=False).strategy == "data_parallel"
+    assert plan(2, {}, fsdp=True).strategy == "fsdp"  # e.g. torchrun
+    launched = plan(2, {**FSDP_YAML_ENVIRONMENT, "FSDP_RESHARD_AFTER_FORWARD": "false"})
+    assert (launched.strategy, launched.reshard_after_forward, launched.layer_classes) == ("fsdp", False, ("LlamaDecoderLayer",))
+    with pytest.raises(ConfigError, match="loss_type grpo is not supported under FSDP"):
+        plan_distribution(
+            tiny_run_config(tmp_path, tmp_path, method={"loss_type": "grpo"}, training={"fsdp": True}),
+            processes=2, device=torch.device("cpu"), environ={},
+        )

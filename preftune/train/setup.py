@@ -97,7 +97,10 @@ def assemble(
             f"loss_type {method.name} needs training.per_device_train_batch_size >= {method.min_batch_size} "
             f"(got {training.per_device_train_batch_size})"
         )
-    policy = policy.to(accelerator.device)
+    if not distribution.sharded:
+        # Under FSDP the model stays on the CPU until fully_shard moves each process's shards to the device:
+        # a device never holds the whole model (nor, for a full fine-tune, its reference copy).
+        policy = policy.to(accelerator.device)
     if method.attach_heads is not None:
         method.attach_heads(policy, config.method, training.seed)
     policy.train()
