@@ -219,3 +219,24 @@ def test_the_layout_follows_training_fsdp_the_launcher_and_the_process_count(tmp
             tiny_run_config(tmp_path, tmp_path, method={"loss_type": "grpo"}, training={"fsdp": True}),
             processes=2, device=torch.device("cpu"), environ={},
         )
+
+
+@pytest.mark.parametrize(
+    ("name", "fsdp", "machines", "per_machine"),
+    [("fsdp", True, 1, 8), ("fsdp_multi_node", True, 2, 8), ("multi_node", False, 2, 8), ("multi_gpu_ddp", False, 1, 8)],
+)
+def test_the_example_launcher_configs_give_the_layout_they_describe(name, fsdp, machines, per_machine):
+    """Each shipped accelerate config, read the way `accelerate launch` reads it, sets the process layout it
+    documents and passes preftune's FSDP checks (or asks for no FSDP)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(REPO_ROOT / "examples" / "accelerate" / f"{name}.yaml"), "x.py"])
+    args, _, _ = _validate_launch_command(args)
+    environment = prepare_multi_gpu_env(args)
+    assert (launcher_fsdp(environment) is not None) == fsdp
+    assert int(args.nproc_per_node) == per_machine
+    if machines > 1:
+        # accelerate hands torchrun the main process's address as master_addr/port or, as here, a rendezvous endpoint.
+        address = getattr(args, "rdzv_endpoint", None) or f"{args.master_addr}:{args.master_port}"
+        assert (int(args.nnodes), args.node_rank, address) == (machines, 0, "10.0.0.1:29500")
