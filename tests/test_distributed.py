@@ -211,6 +211,9 @@ def test_the_layout_follows_training_fsdp_the_launcher_and_the_process_count(tmp
     assert plan(1, FSDP_YAML_ENVIRONMENT).strategy == "single"
     assert plan(2, {}).strategy == "data_parallel"  # auto without an FSDP launcher config
     assert plan(2, FSDP_YAML_ENVIRONMENT, fsdp=False).strategy == "data_parallel"
+    assert plan(2, {**FSDP_YAML_ENVIRONMENT, "FSDP_VERSION": "1"}, fsdp=False).strategy == "data_parallel"  # not read, not refused
+    with pytest.raises(ConfigError, match="fsdp_version: 1"):
+        plan(2, {**FSDP_YAML_ENVIRONMENT, "FSDP_VERSION": "1"})
     assert plan(2, {}, fsdp=True).strategy == "fsdp"  # e.g. torchrun
     launched = plan(2, {**FSDP_YAML_ENVIRONMENT, "FSDP_RESHARD_AFTER_FORWARD": "false"})
     assert (launched.strategy, launched.reshard_after_forward, launched.layer_classes) == ("fsdp", False, ("LlamaDecoderLayer",))

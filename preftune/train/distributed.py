@@ -234,13 +234,16 @@ def _meta_copy(model: torch.nn.Module) -> torch.nn.Module:
 def plan_distribution(config: RunConfig, *, processes: int, device: torch.device, environ: Mapping[str, str] | None = None) -> Distribution:
     """Pick the layout from `training.fsdp`, the launcher and the process count; refuse what FSDP cannot run yet."""
     setting = config.training.fsdp
-    launcher = launcher_fsdp(environ)
     if processes == 1:
-        reason = "one process" + (": nothing to shard (training.fsdp asks for FSDP)" if setting is True or (setting == "auto" and launcher) else "")
-        return Distribution("single", processes, reason, device=device)
-    if setting is False or (setting == "auto" and launcher is None):
-        why = "training.fsdp: false" if setting is False else "no FSDP launcher config (training.fsdp: auto)"
-        return Distribution("data_parallel", processes, f"{why}: every process holds the whole model", device=device)
+        return Distribution("single", processes, "one process: nothing to distribute or shard", device=device)
+    if setting is False:
+        return Distribution("data_parallel", processes, "training.fsdp: false: every process holds the whole model", device=device)
+    # Read (and checked) only when it decides something: an FSDP launcher config under training.fsdp: false is not an error.
+    launcher = launcher_fsdp(environ)
+    if setting == "auto" and launcher is None:
+        return Distribution(
+            "data_parallel", processes, "no FSDP launcher config (training.fsdp: auto): every process holds the whole model", device=device
+        )
     method = config.method_spec
     if method.build_rollout is not None or method.model_kind != "causal_lm":
         raise ConfigError(
