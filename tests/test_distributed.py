@@ -63,7 +63,8 @@ def _run_until_timeout(command: list[str]) -> subprocess.CompletedProcess:
         os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
         pytest.fail(f"{' '.join(command[:6])} ... did not finish in {HANG_TIMEOUT_S} s (a collective mismatch?)\n{stderr[-3000:]}")
-    assert process.returncode == 0, stderr[-4000:]
+    errors = [line for line in stderr.splitlines() if "Error" in line or "error:" in line]
+    assert process.returncode == 0, "\n".join(errors[:20]) + "\n" + stderr[-3000:]
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
@@ -137,9 +138,9 @@ def test_fsdp_through_accelerate_launch_trains_resumes_and_exports_as_one_proces
     float rounding (rel 1e-5). The data make the collectives' hard cases: 10 examples in micro-batches
     of 4, so the third step leaves process 1 with no example (it runs a zero-weighted stand-in); 7
     validation examples (evaluation shards of 4 and 3, padded); 8-position LM-head chunks over answers of
-    different lengths. The LoRA run crashes after step 3 and resumes from the sharded step-2 checkpoint;
-    the full fine-tune (frozen reference copy sharded too, tied embeddings, gradient checkpointing) runs
-    straight through."""
+    different lengths. The LoRA run (with fsdp_reshard_after_forward: false from the command line) crashes
+    after step 3 and resumes from the sharded step-2 checkpoint; the full fine-tune (frozen reference copy
+    sharded too, tied embeddings, gradient checkpointing) runs straight through."""
     lora_model = save_tiny_model(tmp_path / "model")
     tied_model = save_tiny_model(tmp_path / "tied-model", tie_word_embeddings=True)
     configs = {
@@ -149,11 +150,13 @@ def test_fsdp_through_accelerate_launch_trains_resumes_and_exports_as_one_proces
     }
     for name, config in configs.items():
         (tmp_path / f"{name}.yaml").write_text(dump_config(config))
-    jobs = [f"{tmp_path / 'lora-crash.yaml'}:3", str(tmp_path / "lora-resume.yaml"), str(tmp_path / "full.yaml")]
-    _run_until_timeout([
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_LAUNCHER_CONFIG),
-        "--num_processes", "2", "--main_process_port", "0", "-m", "tests.fsdp_training", str(tmp_path), *jobs,
-    ])
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_LAUNCHER_CONFIG),
+              "--num_processes", "2", "--main_process_port", "0"]
+    # The LoRA runs also override a launcher setting on the command line: layers stay gathered from forward to
+    # backward, and after an evaluation (no backward) until the next step, so checkpoints meet gathered units.
+    _run_until_timeout([*launch, "--fsdp_reshard_after_forward", "false", "-m", "tests.fsdp_training", str(tmp_path),
+                        f"{tmp_path / 'lora-crash.yaml'}:3", str(tmp_path / "lora-resume.yaml")])
+    _run_until_timeout([*launch, "-m", "tests.fsdp_training", str(tmp_path), str(tmp_path / "full.yaml")])
     build_trainer(_training_config(tmp_path / "lora-single", lora_model, per_device=4)).train()
     build_trainer(_training_config(tmp_path / "full-single", tied_model, per_device=4, full_fine_tune=True)).train()
 
@@ -162,6 +165,7 @@ def test_fsdp_through_accelerate_launch_trains_resumes_and_exports_as_one_proces
         for record in ranks:
             assert record["distribution"]["strategy"] == "fsdp"
             assert record["distribution"]["sharded_layers"] == 2 and record["distribution"]["layer_classes"] == ["LlamaDecoderLayer"]
+            assert record["distribution"]["reshard_after_forward"] == (name == "full")
             for kind in ("trainable", "all"):  # every parameter sharded; each process holds about half of each kind
                 assert record[kind]["local"] <= 0.55 * record[kind]["full"]
         for kind in ("trainable", "all"):

@@ -28,12 +28,9 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from preftune.atomic import atomic_directory
 from preftune.errors import CheckpointError
+from preftune.train.distributed import full_tensor, local_tensor, reshard_all
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: _full(p.detach()).contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
 
 
 @dataclass
@@ -50,16 +47,29 @@ def checkpoint_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     Sharded (FSDP) tensors are gathered one at a time, which is a collective: then every process
     must call this, in the same order.
     """
-    sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    # The optimiser holds the sharded parameters whatever state the modules are in.
+    sharded = any(isinstance(p, DTensor) for group in optimizer.param_groups for p in group["params"])
     if not keep and not sharded:
         return None
-    weights = trainable_state(model)
+    if sharded:
+        reshard_all(model)
+    # One path for every process, so the gathers come in the same order everywhere; only `keep` stores them.
+    weights = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            full = full_tensor(parameter.detach())
+            if keep:
+                weights[name] = full.contiguous().cpu()
     state = optimizer.state_dict()
-    state["state"] = {
-        param_id: {key: _full(value) if isinstance(value, torch.Tensor) else value for key, value in sorted(values.items())}
-        for param_id, values in sorted(state["state"].items())
-    }
-    return CheckpointTensors(weights, state) if keep else None
+    gathered_state: dict[int, dict[str, Any]] = {}
+    for param_id, values in sorted(state["state"].items()):
+        for key, value in sorted(values.items()):
+            full = full_tensor(value) if isinstance(value, torch.Tensor) else value
+            if keep:
+                gathered_state.setdefault(param_id, {})[key] = full.cpu() if isinstance(full, torch.Tensor) else full
+    if not keep:
+        return None
+    return CheckpointTensors(weights, {**state, "state": gathered_state})
 
 
 def save_checkpoint(target: Path, *, tensors: CheckpointTensors, trainer_state: dict[str, Any]) -> Path:
@@ -84,6 +94,7 @@ def load_checkpoint(source: Path, *, model: torch.nn.Module, optimizer: torch.op
     if missing:
         raise CheckpointError(f"checkpoint {source} is incomplete (missing {', '.join(missing)})")
     weights = load_file(source / "trainable.safetensors")
+    reshard_all(model)  # under FSDP: write into the shards, not into gathered copies
     expected = {name for name, p in model.named_parameters() if p.requires_grad}
     if set(weights) != expected:
         raise CheckpointError(
@@ -93,7 +104,7 @@ def load_checkpoint(source: Path, *, model: torch.nn.Module, optimizer: torch.op
     parameters = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in weights.items():
-            _local(parameters[name]).copy_(_local(_shard_like(parameters[name], tensor)))
+            local_tensor(parameters[name]).copy_(local_tensor(_shard_like(parameters[name], tensor)))
     meta = json.loads((source / "optimizer.json").read_text(encoding="utf-8"))
     optimizer_state = _unflatten_optimizer(load_file(source / "optimizer.safetensors"), meta)
     # The optimiser numbers its parameters in param-group order; a state tensor shaped like its parameter is sharded like it.
@@ -109,14 +120,6 @@ def load_checkpoint(source: Path, *, model: torch.nn.Module, optimizer: torch.op
     random.setstate(_tuplify(state.pop("python_rng")))
     np.random.set_state(_numpy_from_json(state.pop("numpy_rng")))
     return state
-
-
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _shard_like(parameter: torch.Tensor, full: torch.Tensor) -> torch.Tensor:

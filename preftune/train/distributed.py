@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
 from preftune.config import RunConfig
@@ -124,7 +124,8 @@ class Distribution:
     layer_classes: tuple[str, ...] = ()
     sharded_layers: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    # Main process, FSDP only: the policy's modules with meta-device parameters, filled by `gathered_policy`.
+    # Main process, FSDP only: the policy's modules with meta-device parameters (taken by `shard`), which
+    # `gathered_policy` fills with the gathered weights.
     _blueprint: torch.nn.Module | None = None
 
     @property
@@ -178,7 +179,7 @@ class Distribution:
 
     def all_finite(self, parameters: Iterable[torch.nn.Parameter]) -> bool:
         """Every weight finite, on every shard (a collective under FSDP)."""
-        local = all(bool(torch.isfinite(_local(p)).all()) for p in parameters)
+        local = all(bool(torch.isfinite(local_tensor(p)).all()) for p in parameters)
         if not self.sharded:
             return local
         flag = torch.tensor([int(local)], device=self.device)
@@ -192,7 +193,12 @@ class Distribution:
         """
         if not self.sharded:
             return policy if is_main else None
-        gathered = [(name, _full(parameter.detach())) for name, parameter in policy.named_parameters()]
+        reshard_all(policy)
+        gathered = []
+        for name, parameter in policy.named_parameters():
+            full = full_tensor(parameter.detach())  # every process takes part; only the main one keeps a (CPU) copy
+            if is_main:
+                gathered.append((name, full.cpu()))
         if not is_main:
             return None
         blueprint = self._blueprint
@@ -200,7 +206,7 @@ class Distribution:
         for (name, tensor), (blueprint_name, meta) in zip(gathered, blueprint.named_parameters(), strict=True):
             if name != blueprint_name:
                 raise RuntimeError(f"FSDP export: parameter {name} of the sharded policy is {blueprint_name} in its blueprint")
-            replacements[id(meta)] = torch.nn.Parameter(tensor.cpu().clone(), requires_grad=meta.requires_grad)
+            replacements[id(meta)] = torch.nn.Parameter(tensor.clone(), requires_grad=meta.requires_grad)
         # Module by module, so a parameter shared by two modules (tied embeddings) stays one parameter.
         for module in blueprint.modules():
             for key, parameter in module._parameters.items():
@@ -211,14 +217,28 @@ class Distribution:
 
 def grad_norm_value(total_norm: torch.Tensor) -> float:
     """`clip_grad_norm_`'s result as a float; over sharded gradients it is a DTensor to be reduced first."""
-    return float(_full(total_norm).item())
+    return float(full_tensor(total_norm).item())
 
 
-def _full(tensor: torch.Tensor) -> torch.Tensor:
+def reshard_all(model: torch.nn.Module) -> None:
+    """Put every FSDP unit of `model` back to its shards (local, no communication).
+
+    After a forward without backward (evaluation) a unit can stay gathered (the root always does), and
+    its modules then hold plain full tensors instead of the sharded parameters; anything that walks
+    the parameters and gathers them must see the same sharded parameters on every process.
+    """
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor shard (an all-gather: a collective), any other tensor as it is."""
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of a DTensor, any other tensor as it is."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from preftune.methods import DataShape, Method
 from preftune.methods.base import ExampleLayout, Loss, Rollout
 from preftune.model.memory import MemoryPlan, default_memory_budget_bytes, estimate_activation_bytes, plan_gradient_checkpointing
 from preftune.model.reference import ReferenceModel
-from preftune.train.distributed import Distribution, plan_distribution
+from preftune.train.distributed import Distribution, plan_distribution, reshard_all
 
 
 @dataclass
@@ -109,7 +110,10 @@ def assemble(
         # Non-reentrant: gradients reach the LoRA weights without making the inputs require grad. Only
         # training-mode forwards recompute; the reference (eval mode, no_grad) runs as before.
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    reference = ReferenceModel(policy, chunk_size=training.logprob_chunk_size) if method.uses_reference(config.method) else None
+    reference = None
+    if method.uses_reference(config.method):
+        settle = partial(reshard_all, policy) if distribution.sharded else None
+        reference = ReferenceModel(policy, chunk_size=training.logprob_chunk_size, before_adapter_switch=settle)
     reference_cache = None
     # Generated completions are new every step: nothing to gain from caching their reference log-probs.
     if reference is not None and training.reference_cache and method.build_rollout is None:
