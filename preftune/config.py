@@ -167,6 +167,13 @@ class TrainingSettings(Section):
     memory_budget_gb: float | None = Field(
         None, gt=0.0, description="activation memory gradient_checkpointing: auto may use; default half the available RAM (GPU: free memory)"
     )
+    fsdp: bool | Literal["auto"] = Field(
+        "auto",
+        description="shard the policy (and a full fine-tune's frozen reference) over the processes with PyTorch FSDP2: "
+        "parameters, gradients and optimiser state split per decoder layer + the rest; auto = when the launcher asks for it "
+        "(accelerate launch with an FSDP config); true = whenever there is more than one process (torchrun too); "
+        "false = never (every process holds the whole model). docs/DISTRIBUTED.md",
+    )
     reference_cache: bool = Field(
         True,
         description="keep reference log-probs on disk per example, keyed by the reference weights, tokens and precision; "

@@ -69,8 +69,10 @@ def build_trainer(config: RunConfig, *, console: Console | None = None) -> Train
         "model.dtype": settings.dtype, "base_dtype": base_dtype, "parameters_by_dtype": base_weight_dtypes(model),
     }
     trainer.identity["memory"] = parts.memory.as_record()
+    trainer.identity["distribution"] = parts.distribution.as_record()
     if state.is_main_process:
         console.print(f"memory: {parts.memory.reason}")
+        console.print(f"distribution: {parts.distribution.reason}")
         console.print(f"precision: frozen decoder linears {base_dtype} (model.dtype {settings.dtype}); LoRA, optimiser, LM head float32")
     return trainer
 

@@ -26,8 +26,11 @@ def load_test_tokenizer(path: Path = BYTEBPE_TOKENIZER):
     return tokenizer
 
 
-def tiny_llama(vocab_size: int, *, seed: int = 0, hidden_size: int = 32, layers: int = 2) -> LlamaForCausalLM:
-    """A 2-layer Llama with random weights; sdpa attention like the real models."""
+def tiny_llama(
+    vocab_size: int, *, seed: int = 0, hidden_size: int = 32, layers: int = 2, tie_word_embeddings: bool = False
+) -> LlamaForCausalLM:
+    """A 2-layer Llama with random weights; sdpa attention like the real models. SmolLM2 ties its LM head to
+    the embeddings (`tie_word_embeddings`)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -37,7 +40,7 @@ def tiny_llama(vocab_size: int, *, seed: int = 0, hidden_size: int = 32, layers:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=1024,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
         attn_implementation="sdpa",
     )
     model = LlamaForCausalLM(config)
@@ -45,10 +48,10 @@ def tiny_llama(vocab_size: int, *, seed: int = 0, hidden_size: int = 32, layers:
     return model
 
 
-def save_tiny_model(folder: Path, *, seed: int = 0) -> Path:
+def save_tiny_model(folder: Path, *, seed: int = 0, tie_word_embeddings: bool = False) -> Path:
     """Write a tiny model + the test tokenizer as a local HF folder, loadable by `model.name_or_path`."""
     tokenizer = load_test_tokenizer()
-    model = tiny_llama(len(tokenizer), seed=seed)
+    model = tiny_llama(len(tokenizer), seed=seed, tie_word_embeddings=tie_word_embeddings)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

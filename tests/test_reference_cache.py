@@ -55,6 +55,30 @@ def test_a_miss_computes_and_a_hit_returns_the_same_values_whatever_the_batching
     assert from_cache.count.tolist() == fresh.count.tolist()
 
 
+def test_a_hit_here_is_computed_when_another_process_missed(tmp_path, pairs, tokenizer):
+    """Under FSDP the reference runs on every process or on none (each forward gathers weights from all):
+    `all_processes_hit` says whether every process hit, and a local hit then computes like a miss."""
+    model = tiny_llama(len(tokenizer))
+    batch = collate_pairs(pairs[:3], pad_id=tokenizer.pad_token_id)
+    asked = []
+    others_missed = ReferenceLogpsCache(tmp_path, "k", all_processes_hit=lambda hit: asked.append(hit) or False)
+    calls = []
+
+    def compute(b):
+        calls.append(b)
+        return _reference(model)(b)
+
+    first = others_missed.logps(batch, compute)
+    again = others_missed.logps(batch, compute)
+    assert asked == [False, True]  # the second batch was a local hit ...
+    assert len(calls) == 2 and (others_missed.hits, others_missed.misses) == (0, 2)  # ... computed anyway
+    torch.testing.assert_close(again.sum, first.sum, rtol=0, atol=0)
+    everyone_hit = ReferenceLogpsCache(tmp_path, "k", all_processes_hit=lambda hit: hit)
+    everyone_hit._entries = dict(others_missed._entries)
+    everyone_hit.logps(batch, compute)
+    assert len(calls) == 2 and everyone_hit.hits == 1
+
+
 def test_changed_tokens_miss(tmp_path, pairs, tokenizer):
     model = tiny_llama(len(tokenizer))
     cache = ReferenceLogpsCache(tmp_path, "k")

@@ -111,8 +111,15 @@ def example_keys(batch: PackedBatch) -> list[bytes]:
 class ReferenceLogpsCache:
     """Per-example reference log-prob sums and token counts in `folder`, filled as batches are computed."""
 
-    def __init__(self, root: str | Path, key: str, *, description: Mapping[str, Any] | None = None):
+    def __init__(
+        self, root: str | Path, key: str, *, description: Mapping[str, Any] | None = None,
+        all_processes_hit: Callable[[bool], bool] | None = None,
+    ):
+        """`all_processes_hit(hit)` -> whether every process's batch was a hit; sharded training passes a
+        collective one, because there the reference must run on all processes or on none (each of its
+        forwards gathers weights from all of them)."""
         self.folder = Path(root) / key
+        self._all_processes_hit = all_processes_hit or (lambda hit: hit)
         self.key = key
         self.description = dict(description or {})
         self._entries: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}  # example key -> (sums [K], counts [K])
@@ -128,7 +135,8 @@ class ReferenceLogpsCache:
         """The batch's reference log-probs from the cache, or from `compute(batch)` (then remembered)."""
         keys = example_keys(batch)
         found = [self._entries.get(key) for key in keys]
-        if all(entry is not None and entry[0].numel() == batch.answers_per_example for entry in found):
+        hit = all(entry is not None and entry[0].numel() == batch.answers_per_example for entry in found)
+        if self._all_processes_hit(hit):
             self.hits += 1
             device = batch.input_ids.device
             # Entries hold [K] per example; the engine's order is slot-major (all answers 0, then all answers 1, ...).
@@ -191,7 +199,8 @@ def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metad
 
 
 def open_reference_cache(
-    model: torch.nn.Module, *, root: str | Path | None = None, mixed_precision: str = "no"
+    model: torch.nn.Module, *, root: str | Path | None = None, mixed_precision: str = "no",
+    all_processes_hit: Callable[[bool], bool] | None = None,
 ) -> ReferenceLogpsCache:
     """The cache for the reference `model` computes under `mixed_precision`; `root` default: $PREFTUNE_CACHE/reference-logps."""
 
@@ -207,4 +216,7 @@ def open_reference_cache(
         "model": getattr(getattr(inner, "config", None), "_name_or_path", type(inner).__name__),
         **settings,
     }
-    return ReferenceLogpsCache(Path(root) if root is not None else cache_root() / "reference-logps", reference_key(model, settings), description=description)
+    return ReferenceLogpsCache(
+        Path(root) if root is not None else cache_root() / "reference-logps", reference_key(model, settings),
+        description=description, all_processes_hit=all_processes_hit,
+    )

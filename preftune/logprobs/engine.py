@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,8 @@ from preftune.data.collate import PackedBatch
 # Config attributes of architectures whose logits are not simply `lm_head(final hidden state)`.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 DEFAULT_CHUNK_SIZE = 512
+# The attribute under which a sharded model carries `answer_forward` wrapped in its root's FSDP hooks.
+SHARDED_ANSWER_FORWARD = "preftune_answer_forward"
 
 
 @dataclass
@@ -65,9 +68,12 @@ def sequence_logps(
     mask = _attention_mask_for(model, batch.attention_mask)
     answer_hidden = None
     if decoder is not None:
-        hidden = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask).last_hidden_state
-        answer_hidden = hidden.reshape(-1, hidden.shape[-1])[batch.target_index]  # [targets, hidden]
-        token_logps = _chunked_token_logps(head, answer_hidden, batch.target_ids, chunk_size)
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        # A sharded model registers this computation as a forward of its root (preftune/train/distributed.py).
+        forward = getattr(inner, SHARDED_ANSWER_FORWARD, None) or partial(answer_forward, inner)
+        token_logps, answer_hidden = forward(
+            batch.input_ids, batch.position_ids, mask, batch.target_index, batch.target_ids, chunk_size=chunk_size
+        )
     else:
         outputs = model(
             input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask,
@@ -84,6 +90,30 @@ def sequence_logps(
     if hidden_states:
         logps.hidden = answer_hidden
     return logps
+
+
+def answer_forward(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    target_index: torch.Tensor,
+    target_ids: torch.Tensor,
+    *,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p of each target token [targets], the final hidden state predicting it [targets, hidden]).
+
+    `model` is the plain causal LM (not a peft wrapper). The decoder runs once; the LM head runs
+    over `chunk_size` answer positions at a time. It is a function of the model and tensors only, so
+    a sharded model can register it as a forward of its root module: the root's parameters (the
+    embeddings, the final norm, the LM head) are then gathered once around the whole computation
+    and the chunk loop issues no collective, whatever each process's number of answer tokens.
+    """
+    decoder, head = _decoder_and_head(model)
+    hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask).last_hidden_state
+    answer_hidden = hidden.reshape(-1, hidden.shape[-1])[target_index]  # [targets, hidden]
+    return _chunked_token_logps(head, answer_hidden, target_ids, chunk_size), answer_hidden
 
 
 def _per_sequence(token_logps: torch.Tensor, sequence: torch.Tensor, num_sequences: int) -> SequenceLogps:

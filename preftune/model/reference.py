@@ -6,7 +6,8 @@ With LoRA there is no second copy of the weights: `disable_adapter()` runs the f
 from __future__ import annotations
 
 import copy
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -18,8 +19,12 @@ from preftune.model.lora import is_lora
 class ReferenceModel:
     """Reference log-probs under `torch.no_grad()` in eval mode (no dropout)."""
 
-    def __init__(self, policy: torch.nn.Module, *, chunk_size: int):
+    def __init__(self, policy: torch.nn.Module, *, chunk_size: int, before_adapter_switch: Callable[[], None] | None = None):
+        """`before_adapter_switch` runs before the adapter is switched off and again before it is switched back
+        on: peft sets `requires_grad` on the parameters the modules hold at that moment, and under FSDP
+        (preftune/train/distributed.py) they must then be the shards the optimiser holds, not gathered copies."""
         self.chunk_size = chunk_size
+        self._before_adapter_switch = before_adapter_switch or (lambda: None)
         if is_lora(policy):
             self.model = policy
             self._view = policy.disable_adapter
@@ -29,8 +34,14 @@ class ReferenceModel:
             self._view = nullcontext
             self.kind = "frozen copy of the initial policy"
 
-    def view(self) -> AbstractContextManager:
-        return self._view()
+    @contextmanager
+    def view(self) -> Iterator[None]:
+        self._before_adapter_switch()
+        with self._view():
+            try:
+                yield
+            finally:
+                self._before_adapter_switch()
 
     @torch.no_grad()
     def logps(self, batch: PackedBatch, *, per_token: bool = False) -> SequenceLogps:

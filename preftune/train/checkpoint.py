@@ -6,6 +6,10 @@
 - `rng.safetensors`: torch CPU (and CUDA) generator states
 - `trainer_state.json`: step, epoch, data position, scheduler, Python RNG, controllers, config, and `records`
   (the rows metrics.jsonl and alerts.jsonl held, where a roll-back to this checkpoint cuts them)
+
+Under FSDP the tensors are gathered to full tensors before they are written (`checkpoint_tensors`, a
+collective) and scattered back into the shards on load, so the files are the same whatever the number
+of processes or the sharding: a checkpoint resumes on any of them.
 """
 
 from __future__ import annotations
@@ -14,33 +18,65 @@ import json
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from preftune.atomic import atomic_directory
 from preftune.errors import CheckpointError
+from preftune.train.distributed import full_tensor, local_tensor, reshard_all
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+@dataclass
+class CheckpointTensors:
+    """Full (unsharded) trainable weights and optimiser state, on the CPU."""
+
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
 
 
-def save_checkpoint(
-    target: Path,
-    *,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    trainer_state: dict[str, Any],
-) -> Path:
-    optimizer_tensors, optimizer_meta = _flatten_optimizer(optimizer.state_dict())
+def checkpoint_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, keep: bool) -> CheckpointTensors | None:
+    """What `save_checkpoint` writes, where `keep` (the main process); None elsewhere.
+
+    Sharded (FSDP) tensors are gathered one at a time, which is a collective: then every process
+    must call this, in the same order.
+    """
+    # The optimiser holds the sharded parameters whatever state the modules are in.
+    sharded = any(isinstance(p, DTensor) for group in optimizer.param_groups for p in group["params"])
+    if not keep and not sharded:
+        return None
+    if sharded:
+        reshard_all(model)
+    # One path for every process, so the gathers come in the same order everywhere; only `keep` stores them.
+    weights = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            full = full_tensor(parameter.detach())
+            if keep:
+                weights[name] = full.contiguous().cpu()
+    state = optimizer.state_dict()
+    gathered_state: dict[int, dict[str, Any]] = {}
+    for param_id, values in sorted(state["state"].items()):
+        for key, value in sorted(values.items()):
+            full = full_tensor(value) if isinstance(value, torch.Tensor) else value
+            if keep:
+                gathered_state.setdefault(param_id, {})[key] = full.cpu() if isinstance(full, torch.Tensor) else full
+    if not keep:
+        return None
+    return CheckpointTensors(weights, {**state, "state": gathered_state})
+
+
+def save_checkpoint(target: Path, *, tensors: CheckpointTensors, trainer_state: dict[str, Any]) -> Path:
+    optimizer_tensors, optimizer_meta = _flatten_optimizer(tensors.optimizer)
     with atomic_directory(target) as staging:
-        save_file(trainable_state(model), staging / "trainable.safetensors")
+        save_file(tensors.weights, staging / "trainable.safetensors")
         save_file(optimizer_tensors, staging / "optimizer.safetensors")
         (staging / "optimizer.json").write_text(json.dumps(optimizer_meta), encoding="utf-8")
         save_file(_rng_tensors(), staging / "rng.safetensors")
@@ -50,12 +86,16 @@ def save_checkpoint(
 
 
 def load_checkpoint(source: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore weights, optimiser and RNG in place; return the trainer state."""
+    """Restore weights, optimiser and RNG in place; return the trainer state.
+
+    Every process reads the files; a sharded (FSDP) model and its optimiser take their own shard of each tensor.
+    """
     required = ["trainable.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors", "trainer_state.json"]
     missing = [name for name in required if not (source / name).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {source} is incomplete (missing {', '.join(missing)})")
     weights = load_file(source / "trainable.safetensors")
+    reshard_all(model)  # under FSDP: write into the shards, not into gathered copies
     expected = {name for name, p in model.named_parameters() if p.requires_grad}
     if set(weights) != expected:
         raise CheckpointError(
@@ -65,14 +105,29 @@ def load_checkpoint(source: Path, *, model: torch.nn.Module, optimizer: torch.op
     parameters = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in weights.items():
-            parameters[name].copy_(tensor)
+            local_tensor(parameters[name]).copy_(local_tensor(_shard_like(parameters[name], tensor)))
     meta = json.loads((source / "optimizer.json").read_text(encoding="utf-8"))
-    optimizer.load_state_dict(_unflatten_optimizer(load_file(source / "optimizer.safetensors"), meta))
+    optimizer_state = _unflatten_optimizer(load_file(source / "optimizer.safetensors"), meta)
+    # The optimiser numbers its parameters in param-group order; a state tensor shaped like its parameter is sharded like it.
+    ordered = [p for group in optimizer.param_groups for p in group["params"]]
+    for param_id, values in optimizer_state["state"].items():
+        parameter = ordered[param_id]
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor) and value.shape == parameter.shape:
+                values[key] = _shard_like(parameter, value)
+    optimizer.load_state_dict(optimizer_state)
     _restore_rng(load_file(source / "rng.safetensors"))
     state = json.loads((source / "trainer_state.json").read_text(encoding="utf-8"))
     random.setstate(_tuplify(state.pop("python_rng")))
     np.random.set_state(_numpy_from_json(state.pop("numpy_rng")))
     return state
+
+
+def _shard_like(parameter: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """`full` laid out as `parameter` is: this process's shard of it under FSDP (sliced locally, no communication)."""
+    if not isinstance(parameter, DTensor):
+        return full
+    return distribute_tensor(full.to(parameter.device), parameter.device_mesh, parameter.placements, src_data_rank=None)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

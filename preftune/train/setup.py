@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from preftune.methods import DataShape, Method
 from preftune.methods.base import ExampleLayout, Loss, ProjectionSpec, Rollout
 from preftune.model.memory import MemoryPlan, default_memory_budget_bytes, estimate_activation_bytes, plan_gradient_checkpointing
 from preftune.model.reference import ReferenceModel
+from preftune.train.distributed import Distribution, plan_distribution, reshard_all
 
 
 @dataclass
@@ -43,6 +45,7 @@ class TrainingParts:
     steps_per_epoch: int
     total_steps: int
     memory: MemoryPlan
+    distribution: Distribution
 
 
 def monitoring_controllers(config: RunConfig) -> list[Controller]:
@@ -90,12 +93,16 @@ def assemble(
     training = config.training
     accelerator = accelerator or Accelerator(mixed_precision=training.mixed_precision, cpu=not torch.cuda.is_available())
     method = config.method_spec
+    distribution = plan_distribution(config, processes=accelerator.num_processes, device=accelerator.device)
     if training.per_device_train_batch_size < method.min_batch_size:
         raise ConfigError(
             f"loss_type {method.name} needs training.per_device_train_batch_size >= {method.min_batch_size} "
             f"(got {training.per_device_train_batch_size})"
         )
-    policy = policy.to(accelerator.device)
+    if not distribution.sharded:
+        # Under FSDP the model stays on the CPU until fully_shard moves each process's shards to the device:
+        # a device never holds the whole model (nor, for a full fine-tune, its reference copy).
+        policy = policy.to(accelerator.device)
     if method.attach_heads is not None:
         method.attach_heads(policy, config.method, training.seed)
     policy.train()
@@ -104,13 +111,23 @@ def assemble(
         # Non-reentrant: gradients reach the LoRA weights without making the inputs require grad. Only
         # training-mode forwards recompute; the reference (eval mode, no_grad) runs as before.
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    reference = ReferenceModel(policy, chunk_size=training.logprob_chunk_size) if method.uses_reference(config.method) else None
+    reference = None
+    if method.uses_reference(config.method):
+        settle = partial(reshard_all, policy) if distribution.sharded else None
+        reference = ReferenceModel(policy, chunk_size=training.logprob_chunk_size, before_adapter_switch=settle)
     reference_cache = None
     # Generated completions are new every step: nothing to gain from caching their reference log-probs.
     if reference is not None and training.reference_cache and method.build_rollout is None:
         reference_cache = open_reference_cache(
-            reference.model, root=training.reference_cache_dir, mixed_precision=training.mixed_precision
+            reference.model, root=training.reference_cache_dir, mixed_precision=training.mixed_precision,
+            all_processes_hit=distribution.all_processes_hit if distribution.sharded else None,
         )
+    if distribution.sharded:
+        # After the reference copy and its cache key (both need the full weights), before the optimiser (it
+        # must hold the shards). A full fine-tune's frozen reference is sharded the same way.
+        distribution.shard(policy, keep_blueprint=accelerator.is_main_process)
+        if reference is not None and reference.model is not policy:
+            distribution.shard(reference.model, keep_blueprint=False)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     if not trainable:
         raise PreftuneError("the policy has no trainable parameters")
@@ -148,4 +165,5 @@ def assemble(
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         memory=memory,
+        distribution=distribution,
     )

@@ -46,12 +46,14 @@ from preftune.model.export import save_adapter, save_merged
 from preftune.train import run_dir as run_folder
 from preftune.train.checkpoint import (
     checkpoint_path,
+    checkpoint_tensors,
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
     remove_checkpoints_after,
     save_checkpoint,
 )
+from preftune.train.distributed import grad_norm_value
 from preftune.train.metrics_log import MetricsLog
 from preftune.train.setup import TrainingParts
 
@@ -179,19 +181,26 @@ class Trainer:
         shards = [[self.data.train[i] for i in self._local_shard(indices)] for indices in micro_batches]
         if self.rollout is not None:  # online methods: generate and score the answers of the whole step first
             shards = self.rollout(self._rollout_context(evaluation=False), shards)
-        for shard in shards:
+        for shard, indices in zip(shards, micro_batches):
+            weight = self.world_size / examples_in_step
             if not shard:
-                continue
+                if not self.parts.distribution.sharded:
+                    continue
+                # Under FSDP every process runs every micro-batch (each forward and backward is a collective):
+                # a process with no examples left runs one of the micro-batch's, with weight 0.
+                shard, weight = [self.data.train[indices[0]]], 0.0
             output = self.micro_batch_loss(shard)
-            # The mean over processes in _all_reduce_gradients is undone here, so the step averages over examples.
-            self.accelerator.backward(output.losses.sum() * self.world_size / examples_in_step)
+            # The mean over processes (the all-reduce, or FSDP's reduce-scatter) is undone here, so the step averages over examples.
+            self.accelerator.backward(output.losses.sum() * weight)
+            if weight == 0.0:
+                continue
             for key, value in {"loss": output.losses, **output.metrics}.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().float().sum()
         self._all_reduce_gradients()
         totals = self._sum_across_processes(sums)
         metrics = {key: (value / examples_in_step).item() for key, value in totals.items()}
         max_norm = self.training.max_grad_norm if self.training.max_grad_norm is not None else math.inf
-        metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm).item()
+        metrics["grad_norm"] = grad_norm_value(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
         metrics["learning_rate"] = self.optimizer.param_groups[0]["lr"]
         metrics["pairs"] = float(examples_in_step)
 
@@ -286,8 +295,8 @@ class Trainer:
         return metrics
 
     def _all_reduce_gradients(self) -> None:
-        """One flat all-reduce per optimiser step (see docs/ARCHITECTURE.md for why not DDP's hooks)."""
-        if self.world_size == 1:
+        """One flat all-reduce per optimiser step (see docs/ARCHITECTURE.md for why not DDP's hooks); FSDP reduces its own."""
+        if self.world_size == 1 or self.parts.distribution.sharded:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.trainable]
         flat = self.accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
@@ -361,6 +370,10 @@ class Trainer:
         self.policy.eval()
         try:
             shard = examples[rank::world]
+            # Under FSDP every process runs as many evaluation batches (each forward is a collective): pad with
+            # copies of the first example, whose rows are dropped below.
+            padding = -(-len(examples) // world) - len(shard) if self.parts.distribution.sharded and examples else 0
+            shard = shard + [examples[0]] * padding
             if self.rollout is not None and shard:  # online methods are evaluated on answers generated for the prompts
                 (shard,) = self.rollout(self._rollout_context(evaluation=True), [shard])
             local = evaluate_examples(
@@ -376,6 +389,7 @@ class Trainer:
                 first_index=rank,
                 index_stride=world,
             )
+            local = local[: len(local) - padding]
         finally:
             self.policy.train(was_training)
         if world == 1:
@@ -386,20 +400,20 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         if self.reference_cache is not None:
             self.reference_cache.flush()
-        if not all(torch.isfinite(p).all() for p in self.trainable):
+        if not self.parts.distribution.all_finite(self.trainable):
             raise TrainingDiverged(
                 f"the weights became non-finite at step {self.state.global_step}; they were NOT checkpointed. "
                 f"{self._last_good_checkpoint()} Lower training.learning_rate."
             )
         self.accelerator.wait_for_everyone()
         self._checkpointed_step = self.state.global_step
+        tensors = checkpoint_tensors(self.policy, self.optimizer, keep=self.accelerator.is_main_process)  # FSDP: gathers
         if not self.accelerator.is_main_process:
             return None
         target = checkpoint_path(self.run_dir, self.state.global_step)
         save_checkpoint(
             target,
-            model=self.policy,
-            optimizer=self.optimizer,
+            tensors=tensors,
             trainer_state={
                 "trainer": asdict(self.state),
                 "scheduler": self.scheduler.state_dict(),
@@ -503,7 +517,11 @@ class Trainer:
                 if self.data.validation and not self._evaluated_at(self.state.global_step):
                     self._evaluate_and_log()
                 self.save_checkpoint()
+                # Under FSDP the main process gets the gathered, unsharded policy (a collective): what is
+                # exported, and what the probes after training score.
+                gathered = self.parts.distribution.gathered_policy(self.policy, is_main=is_main)
                 if is_main:
+                    self.policy = gathered
                     self.export()
                     run_folder.update_identity(
                         self.run_dir, status="finished", steps=self.state.global_step,
