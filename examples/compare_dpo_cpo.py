@@ -288,8 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     variants = dict(parse_variant(v) for v in args.variants)
     baseline = next(iter(variants))
     run_dirs = {name: [output / name / f"seed-{seed}" for seed in args.seeds] for name in variants}
-    for name, overrides in variants.items():
-        for seed, run_dir in zip(args.seeds, run_dirs[name]):
+    # Seed by seed, so a study cut short still has every variant at the seeds it reached.
+    for index, seed in enumerate(args.seeds):
+        for name, overrides in variants.items():
+            run_dir = run_dirs[name][index]
             if args.reuse or finished(run_dir):
                 continue
             print(f"\n=== {args.split}: {name} seed {seed} ===", file=sys.stderr)

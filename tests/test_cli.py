@@ -67,6 +67,6 @@ def test_config_command_prints_library_defaults_with_descriptions_not_the_demo()
     assert resolved["method"] == {"loss_type": "sigmoid", "beta": 0.1, "label_smoothing": 0.0}
     assert "# β: strength of the preference term" in defaults
     cpo = yaml.safe_load(run("--method", "cpo"))
-    assert cpo["method"]["loss_type"] == "cpo" and cpo["method"]["constraints"]["margin_threshold"] == 0.1
+    assert cpo["method"]["loss_type"] == "cpo" and cpo["method"]["constraints"]["margin_threshold"] == 0.01
     demo = yaml.safe_load(run("--config", str(DEFAULT_CONFIG_PATH)))
-    assert demo["method"]["loss_type"] == "cpo" and demo["method"]["constraints"]["margin_threshold"] == 0.5
+    assert demo["method"]["loss_type"] == "cpo" and demo["data"]["max_train_samples"] == 384

@@ -88,7 +88,7 @@ def test_threshold_is_divided_by_temperature_when_scaled(temperature, scaled, ex
 
 def test_registered_loss_uses_the_configured_threshold_and_normalisation():
     method = validate_config(
-        {"method": {"loss_type": "constrained_dpo", "beta": 0.1, "constraints": {"temperature": 0.25, "length_normalize": True}}}
+        {"method": {"loss_type": "constrained_dpo", "beta": 0.1, "constraints": {"margin_threshold": 0.1, "temperature": 0.25, "length_normalize": True}}}
     ).method
     loss = get_method(method.loss_type).build_loss(method)
     out = loss(_pairs(**POLICY), REFERENCE, lagrange_multiplier=2.0)

@@ -96,7 +96,9 @@ def test_the_anchor_off_adds_no_term_and_no_metric():
 
 def test_dual_steps_and_warmup_scale_by_hand():
     settings = validate_config(
-        {"method": {"loss_type": "cpo", "constraints": {"chosen_anchor": True, "anchor_lr": 0.5, "anchor_slack": 0.1, "anchor_max": 0.3}}}
+        {"method": {"loss_type": "cpo", "constraints": {
+            "lagrangian_lr": 0.01, "constraint_slack": 0.01, "chosen_anchor": True, "anchor_lr": 0.5, "anchor_slack": 0.1, "anchor_max": 0.3,
+        }}}
     ).method.constraints
     assert anchor_dual_step(0.0, 0.3, settings) == pytest.approx(0.1)  # 0.5 · (0.3 − 0.1)
     assert anchor_dual_step(0.25, 1.0, settings) == pytest.approx(0.3)  # step clipped at 0.1, then clamped at anchor_max
@@ -299,10 +301,10 @@ def test_config_warnings_name_a_slack_that_swallows_the_constraint_and_a_step_th
         config = tiny_run_config(tmp_path, tmp_path, method={"loss_type": "cpo", "beta": 0.1, "constraints": constraints})
         return [w for w in config_warnings(config) if "method.constraints" in w]
 
-    assert warnings() == []  # the defaults: slack 0.01 against τ 0.1, step clip 0.1 against λ max 10
-    assert warnings(mode="hard", margin_threshold=0.01) == []  # hard mode: the slack is a share of pairs
-    assert warnings(margin_threshold=ALWAYS_MET) == []
-    (slack,) = warnings(margin_threshold=0.02)
+    assert warnings() == []  # the defaults: hard mode (the slack is a share of pairs), step clip 0.1 against λ max 10
+    assert warnings(mode="soft", margin_threshold=0.1, constraint_slack=0.01) == []  # slack τ / 10
+    assert warnings(mode="soft", margin_threshold=ALWAYS_MET, constraint_slack=0.01) == []
+    (slack,) = warnings(mode="soft", margin_threshold=0.02, constraint_slack=0.01)
     assert "constraint_slack 0.01 is at least half of τ = 0.02" in slack and "plain DPO" in slack
     (clip,) = warnings(lambda_step_clip=0.5, chosen_anchor=True, anchor_max=0.5)
     assert "lambda_step_clip 0.5 ≥ anchor_max 0.5" in clip

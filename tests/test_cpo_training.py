@@ -25,11 +25,15 @@ def model_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
+SOFT_MODE = {"mode": "soft", "margin_threshold": 0.1, "lagrangian_lr": 0.01, "constraint_slack": 0.01}
+
+
 def _cpo_trainer(tmp_path, model_dir, name="run", *, constraints, training=None, **sections):
     config = tiny_run_config(
         tmp_path / name,
         model_dir,
-        method={"loss_type": "cpo", "beta": 0.1, "constraints": {"violation_alert": None, **constraints}},
+        # These tests were written against soft mode (λ follows the mean hinge); the library default is hard mode.
+        method={"loss_type": "cpo", "beta": 0.1, "constraints": {**SOFT_MODE, "violation_alert": None, **constraints}},
         training={"max_steps": 4, "eval_steps": 2, **(training or {})},
         **sections,
     )

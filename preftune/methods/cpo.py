@@ -22,19 +22,21 @@ from preftune.settings import Section
 class ConstraintSettings(Section):
     """The margin constraint and its Lagrange multiplier λ; see docs/CPO.md."""
 
-    margin_threshold: float = Field(0.1, description="τ: required policy-minus-reference log-prob margin per pair")
+    margin_threshold: float = Field(
+        0.01, description="τ: required policy-minus-reference log-prob margin per pair (per-token nats when length_normalize)"
+    )
     temperature: float = Field(1.0, gt=0.0, description="τ is divided by this when temperature_scaled_threshold")
     temperature_scaled_threshold: bool = Field(True, description="divide margin_threshold by temperature")
     length_normalize: bool = Field(True, description="margin from per-token mean log-probs (false: sums)")
     mode: Literal["soft", "hard"] = Field(
-        "soft", description="what λ tracks: soft = mean relu(τ − margin), hard = fraction of pairs with margin < τ"
+        "hard", description="what λ tracks: soft = mean relu(τ − margin), hard = fraction of pairs with margin < τ"
     )
-    lagrangian_lr: float = Field(0.01, ge=0.0, description="dual step size η: λ += η · (violation − constraint_slack)")
+    lagrangian_lr: float = Field(0.5, ge=0.0, description="dual step size η: λ += η · (violation − constraint_slack)")
     initial_lambda: float = Field(0.0, ge=0.0, description="λ at the start (and at every epoch start, see reset_lambda_each_epoch)")
     lambda_max: float = Field(10.0, gt=0.0, description="upper clamp of λ")
     lambda_step_clip: float = Field(0.1, gt=0.0, description="largest change of λ in one step")
     constraint_slack: float = Field(
-        0.01, ge=0.0, description="violation tolerated before λ rises; below it λ falls back toward 0"
+        0.05, ge=0.0, description="violation tolerated before λ rises; below it λ falls back toward 0"
     )
     reset_lambda_each_epoch: bool = Field(True, description="λ back to initial_lambda at the start of every epoch")
     violation_alert: float | None = Field(
