@@ -179,3 +179,34 @@ def test_training_with_the_cache_matches_training_without_and_reuses_it(tmp_path
         for (name, expected), (_, actual) in zip(plain.policy.named_parameters(), trainer.policy.named_parameters()):
             torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
         assert trainer.state.eval_history[-1]["eval/loss"] == pytest.approx(plain.state.eval_history[-1]["eval/loss"], abs=1e-5)
+
+
+def test_evaluation_compares_policy_and_reference_within_this_process_not_through_the_disk_cache(tmp_path):
+    """With a bf16 base another process's cached log-probs differ from this process's forward by float noise;
+    validation must not compare the policy against them: at step 0 (policy = reference) every margin is exactly 0."""
+    from safetensors.torch import load_file, save_file
+
+    from preftune.runfolder import read_run
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    cache_dir = tmp_path / "reference-logps"
+
+    def run(name: str):
+        config = tiny_run_config(
+            tmp_path / name, model_dir,
+            training={"max_steps": 1, "eval_steps": 1, "reference_cache_dir": str(cache_dir)},
+        )
+        torch.manual_seed(0)
+        trainer = build_trainer(config)
+        trainer.train()
+        return trainer
+
+    run("first")
+    for shard in cache_dir.rglob("*.safetensors"):  # chosen answers shifted: what another process's arithmetic could differ by
+        tensors = load_file(shard)
+        tensors["sums"][:, 0] += 0.5
+        save_file(tensors, shard)
+    second = run("second")
+    assert second.reference_cache.hits > 0  # training did read the shifted entries
+    before = read_run(tmp_path / "second").evaluations[0]
+    assert before and all(row["rewards/margins"] == 0.0 for row in before)

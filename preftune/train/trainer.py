@@ -91,6 +91,7 @@ class Trainer:
         self.policy = parts.policy
         self.reference = parts.reference
         self.reference_cache = parts.reference_cache
+        self._evaluation_reference: dict[bytes, SequenceLogps] = {}
         self.controllers = parts.controllers
         self.projection = parts.projection
         self.trainable = parts.trainable
@@ -149,6 +150,21 @@ class Trainer:
         if self.reference_cache is not None:
             return self.reference_cache.logps(batch, self._compute_reference_logps)
         return self._compute_reference_logps(batch)
+
+    def evaluation_reference_logps(self, batch: PackedBatch) -> SequenceLogps:
+        """Validation's reference log-probs: computed in this process on the first evaluation, then kept in memory.
+
+        Not from the on-disk cache: with a bf16 base, the same pair's log-probs from another process differ
+        from this process's forward by up to ~1e-2 nats per token, so at step 0 (policy = reference) pairs
+        would show margins that are only that noise. Every evaluation runs the same batches in the same
+        order, so the policy and its reference are always compared within one process's arithmetic.
+        """
+        if self.rollout is not None:  # online methods evaluate freshly generated answers: nothing repeats
+            return self._compute_reference_logps(batch)
+        key = batch.input_ids.cpu().numpy().tobytes() + batch.target_index.cpu().numpy().tobytes()
+        if key not in self._evaluation_reference:
+            self._evaluation_reference[key] = self._compute_reference_logps(batch)
+        return self._evaluation_reference[key]
 
     def _compute_reference_logps(self, batch: PackedBatch) -> SequenceLogps:
         with self.accelerator.autocast():
@@ -382,7 +398,7 @@ class Trainer:
                 loss_inputs=self.loss_inputs(),
                 layout=self.layout,
                 policy_logps=self.policy_logps,
-                reference_logps=self.reference_logps if self.reference is not None else None,
+                reference_logps=self.evaluation_reference_logps if self.reference is not None else None,
                 batch_size=self.training.per_device_eval_batch_size,
                 pad_id=self.pad_id,
                 device=self.accelerator.device,
