@@ -144,7 +144,8 @@ def _cpo_config(run_dir, model_dir, *, constraints, **top):
     return tiny_run_config(
         run_dir, model_dir,
         method={"loss_type": "cpo", "beta": 0.1, "constraints": {
-            "violation_alert": None, "margin_threshold": 0.1, "lagrangian_lr": 1.0, "lambda_step_clip": 0.15, **constraints,
+            "violation_alert": None, "mode": "soft", "constraint_slack": 0.01, "margin_threshold": 0.1, "lagrangian_lr": 1.0,
+            "lambda_step_clip": 0.15, **constraints,
         }},
         data={"max_train_samples": 8},  # 2 steps per epoch
         training={"max_steps": None, "num_train_epochs": 2, "eval_steps": None, "save_steps": None},
@@ -257,7 +258,7 @@ def _judged(controller, summary, *, epoch_end=True):
 
 
 def test_cpo_rule_fires_on_an_accuracy_drop_or_too_many_negative_per_token_margins_and_nothing_else():
-    settings = ConstraintSettings.model_validate({"max_epoch_restarts": 1, "lagrangian_lr": 0.02})
+    settings = ConstraintSettings.model_validate({"max_epoch_restarts": 1, "lagrangian_lr": 0.02, "constraint_slack": 0.01})
     controller = LagrangianController(settings, threshold=settings.threshold)
     at_start = {"eval/rewards/accuracies": 0.75, "eval/negative_margin_fraction_per_token": 0.125}
     assert _judged(controller, at_start, epoch_end=True) is None  # no baseline before the first epoch start
