@@ -40,13 +40,12 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
-import yaml
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from preftune.atomic import atomic_write_json, atomic_write_text  # noqa: E402
-from preftune.config import validate_config  # noqa: E402
+from preftune.config import apply_override, validate_config  # noqa: E402
 from preftune.data.pipeline import resolve_data_path  # noqa: E402
 from preftune.methods.evaluation import TIE_TOLERANCE, per_token_margin  # noqa: E402
 from preftune.run import train  # noqa: E402
@@ -85,34 +84,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def parse_variant(text: str) -> tuple[str, dict]:
-    """`NAME=LOSS_TYPE,key=value,...` (or just `dpo`/`cpo`) → (name, config overrides).
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """`NAME=LOSS_TYPE,key=value,...` (or just `dpo`/`cpo`) → (name, `--set`-style overrides).
 
     Keys are of the `method:` section (dotted for nested ones); keys starting with `model.`,
     `training.` or `data.` go to those sections instead (e.g. `model.dtype=float32`).
     """
     name, _, spec = text.partition("=")
-    parts = (spec or {"dpo": "sigmoid"}.get(name, name)).split(",")
-    overrides: dict = {"method": {"loss_type": parts[0]}}
-    for item in parts[1:]:
-        key, sep, value = item.partition("=")
-        if not sep:
+    loss_type, *items = (spec or {"dpo": "sigmoid"}.get(name, name)).split(",")
+    overrides = [f"method.loss_type={loss_type}"]
+    for item in items:
+        if "=" not in item:
             raise SystemExit(f"--variant {text}: {item!r} is not key=value")
-        *parents, leaf = key.split(".")
-        if not parents or parents[0] not in ("model", "training", "data"):
-            parents = ["method", *parents]
-        target = overrides
-        for parent in parents:
-            target = target.setdefault(parent, {})
-        target[leaf] = yaml.safe_load(value)
+        section = item.split(".", 1)[0]
+        overrides.append(item if section in ("model", "training", "data") else f"method.{item}")
     return name, overrides
-
-
-def merged(base: dict, overrides: dict) -> dict:
-    out = dict(base)
-    for key, value in overrides.items():
-        out[key] = merged(out.get(key, {}), value) if isinstance(value, dict) else value
-    return out
 
 
 def tune_file(args: argparse.Namespace) -> Path:
@@ -127,7 +113,7 @@ def tune_file(args: argparse.Namespace) -> Path:
     return path
 
 
-def run_config(args: argparse.Namespace, run_dir: Path, overrides: dict, seed: int, validation_file: str):
+def run_config(args: argparse.Namespace, run_dir: Path, overrides: list[str], seed: int, validation_file: str):
     steps = args.train_pairs // args.batch_size
     base = {
             "output_dir": str(run_dir),
@@ -158,7 +144,9 @@ def run_config(args: argparse.Namespace, run_dir: Path, overrides: dict, seed: i
                 "report_to": ["jsonl"],
             },
         }
-    return validate_config(merged(base, overrides), source="compare_dpo_cpo")
+    for override in overrides:
+        apply_override(base, override)
+    return validate_config(base, source="compare_dpo_cpo")
 
 
 def finished(run_dir: Path) -> bool:
