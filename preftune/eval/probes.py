@@ -115,6 +115,10 @@ class Probe:
     prompt: str
     tokens: TokenizedExample
 
+    def header(self) -> dict[str, str]:
+        """The fields every stored row of this probe starts with."""
+        return {"id": self.id, "split": self.split, "category": self.category, "prompt": self.prompt}
+
 
 @dataclass(frozen=True)
 class ProbeResult:
@@ -132,10 +136,7 @@ class ProbeResult:
 
     def to_row(self) -> dict[str, Any]:
         return {
-            "id": self.probe.id,
-            "split": self.probe.split,
-            "category": self.probe.category,
-            "prompt": self.probe.prompt,
+            **self.probe.header(),
             "reference": self.reference.to_row(),
             "trained": self.trained.to_row(),
             "chosen_mean_logp_change": self.trained.chosen_mean_logp - self.reference.chosen_mean_logp,
@@ -159,10 +160,7 @@ class ProbeGeneration:
 
     def to_row(self) -> dict[str, Any]:
         return {
-            "id": self.probe.id,
-            "split": self.probe.split,
-            "category": self.probe.category,
-            "prompt": self.probe.prompt,
+            **self.probe.header(),
             "before": self.before,
             "after": self.after,
             "before_stopped": self.before_stopped,
