@@ -55,6 +55,7 @@ from preftune.train.checkpoint import (
 )
 from preftune.train.distributed import grad_norm_value
 from preftune.train.metrics_log import MetricsLog
+from preftune.train.projection import project
 from preftune.train.setup import TrainingParts
 
 
@@ -212,8 +213,8 @@ class Trainer:
                 continue
             for key, value in {"loss": output.losses, **output.metrics}.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().float().sum()
-        self._all_reduce_gradients()
-        totals = self._sum_across_processes(sums)
+        self.all_reduce_gradients()
+        totals = self.sum_across_processes(sums)
         metrics = {key: (value / examples_in_step).item() for key, value in totals.items()}
         max_norm = self.training.max_grad_norm if self.training.max_grad_norm is not None else math.inf
         metrics["grad_norm"] = grad_norm_value(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
@@ -229,88 +230,21 @@ class Trainer:
             self._apply_lr_scale()
         self.optimizer.zero_grad(set_to_none=True)
         if self.projection is not None and not context.skip_step:
-            metrics.update(self.project(shards, examples_in_step))
+            metrics.update(self._project(shards, examples_in_step))
         return metrics
 
-    def project(self, shards: list[list], examples_in_step: int) -> dict[str, float]:
-        """The method's projection step (`ProjectionSpec`): up to `steps` plain-SGD steps on the mean penalty
-        over the optimiser step's examples, on the same micro-batches, until none of them is violated.
-
-        Each pass is one forward per micro-batch that both counts the violated examples and, while
-        steps remain, backpropagates `sum(penalty) × world_size / examples_in_step` as the main step
-        does; gradients are all-reduced and clipped to `max_grad_norm` like the main step's. The
-        optimiser's state (Adam's moments, its step count) and the schedule are untouched.
-        Non-finite values never land: a pass whose gradient norm is not finite is not applied, and a
-        step after which some example's penalty is not finite is undone exactly (the trainable weights
-        before it are kept until the next pass has checked it: one more copy of the trainable weights,
-        small under LoRA); either ends the projection with an alert.
-        """
-        spec = self.projection
-        max_norm = self.training.max_grad_norm if self.training.max_grad_norm is not None else math.inf
-        taken, before, problem = 0, None, None
-        previous: list[torch.Tensor] | None = None  # the weights before the last step, until the pass after it checked it
-        checked = 0.0  # the violated fraction of the last pass whose penalties were all finite
-        while True:
-            descend = taken < spec.steps
-            counts = {"violated": torch.zeros((), device=self.accelerator.device), "nonfinite": torch.zeros((), device=self.accelerator.device)}
-            for shard in shards:
-                if not shard:
-                    continue
-                with torch.set_grad_enabled(descend):
-                    policy, reference = self.micro_batch_logps(shard)
-                    flags = spec.violated(policy, reference)
-                    penalty = spec.penalty(policy, reference)
-                    counts["violated"] += flags.float().sum().detach()
-                    counts["nonfinite"] += (~torch.isfinite(penalty.detach())).float().sum()
-                    # A shard with no violated example has a zero penalty and a zero gradient: skip its backward.
-                    if descend and bool(flags.any()):
-                        self.accelerator.backward(penalty.sum() * self.world_size / examples_in_step)
-            totals = self._sum_across_processes(counts)
-            after = totals["violated"].item() / examples_in_step
-            if totals["nonfinite"].item() > 0:
-                if previous is not None:  # undo the step that made it non-finite, exactly
-                    with torch.no_grad():
-                        for parameter, kept in zip(self.trainable, previous):
-                            parameter.copy_(kept)
-                    taken -= 1
-                    after = checked
-                problem = "a non-finite penalty"
-                self.optimizer.zero_grad(set_to_none=True)
-                break
-            checked = after
-            before = after if before is None else before
-            if after == 0.0 or not descend:
-                self.optimizer.zero_grad(set_to_none=True)
-                break
-            self._all_reduce_gradients()
-            norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm).item()
-            if not math.isfinite(norm):
-                problem = f"gradient norm {norm}"
-                self.optimizer.zero_grad(set_to_none=True)
-                break
-            with torch.no_grad():
-                previous = [parameter.detach().clone() for parameter in self.trainable]
-                for parameter in self.trainable:
-                    if parameter.grad is not None:
-                        parameter.add_(parameter.grad, alpha=-spec.lr)
-            self.optimizer.zero_grad(set_to_none=True)
-            taken += 1
-        metrics = {
-            "projection/steps_taken": float(taken),
-            "projection/violated_before": before if before is not None else after,
-            "projection/violated_after": after,
-        }
-        if problem is not None:
-            metrics["projection/nonfinite"] = 1.0
+    def _project(self, shards: list[list], examples_in_step: int) -> dict[str, float]:
+        result = project(self, self.projection, shards, examples_in_step)
+        if result.problem is not None:
             self.alert(
                 "nonfinite_projection",
-                f"{problem} in the projection after optimiser step {self.state.global_step + 1}: the projection stopped "
-                f"after {taken} applied step(s); nothing non-finite was applied",
-                problem=problem, steps_taken=taken,
+                f"{result.problem} in the projection after optimiser step {self.state.global_step + 1}: the projection "
+                f"stopped after {result.steps_taken} applied step(s); nothing non-finite was applied",
+                problem=result.problem, steps_taken=result.steps_taken,
             )
-        return metrics
+        return result.metrics
 
-    def _all_reduce_gradients(self) -> None:
+    def all_reduce_gradients(self) -> None:
         """One flat all-reduce per optimiser step (see docs/ARCHITECTURE.md for why not DDP's hooks); FSDP reduces its own."""
         if self.world_size == 1 or self.parts.distribution.sharded:
             return
@@ -321,7 +255,7 @@ class Trainer:
             p.grad = flat[offset : offset + g.numel()].view_as(p).clone()
             offset += g.numel()
 
-    def _sum_across_processes(self, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def sum_across_processes(self, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.world_size == 1:
             return sums
         keys = sorted(gather_object([sorted(sums)])[0])
