@@ -27,8 +27,6 @@ import argparse
 import json
 import os
 import platform
-import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,8 +36,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import flops  # noqa: E402  (benchmarks/flops.py: the FLOP count and the matmul peak)
+from worker import emit_result, run_worker  # noqa: E402
 
-RESULT_PREFIX = "BENCH-RESULT "
 MODEL = "smollm2-135m"
 LEARNING_RATE = 5e-5
 BETA = 0.1
@@ -71,10 +69,6 @@ def preftune_config(output_dir: Path, *, batch_size: int, max_length: int, steps
             },
         }
     )
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
 
 
 # ---- workers (one per process) --------------------------------------------------------------
@@ -226,25 +220,18 @@ def worker(args) -> None:
         result = run_preftune(args)
     else:
         result = run_trl(args, fastest=args.worker == "trl-fastest")
-    result["peak_rss_gb"] = peak_rss_gb()
-    result["wall_seconds"] = time.perf_counter() - args.started
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    emit_result(result, args.started)
 
 
 # ---- the driver -----------------------------------------------------------------------------
 def launch(name: str, worker_kind: str, *, batch_size: int, max_length: int, steps: int, cache_dir: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as workdir:
         command = [
-            sys.executable, __file__, "--worker", worker_kind, "--batch-size", str(batch_size), "--max-length",
+            __file__, "--worker", worker_kind, "--batch-size", str(batch_size), "--max-length",
             str(max_length), "--steps", str(steps), "--cache-dir", str(cache_dir), "--workdir", workdir,
         ]
         print(f"[{time.strftime('%H:%M:%S')}] {name}: batch {batch_size}, max length {max_length}, {steps} steps", flush=True)
-        completed = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-    lines = [line for line in completed.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    if completed.returncode != 0 or not lines:
-        sys.stderr.write(completed.stderr[-6000:])
-        raise SystemExit(f"{name} failed (exit {completed.returncode})")
-    result = json.loads(lines[-1][len(RESULT_PREFIX) :])
+        result = run_worker(name, command)
     measured = result["step_seconds"][1:] or result["step_seconds"]
     result.update(name=name, batch_size=batch_size, max_length=max_length, steps=steps)
     result["pairs_per_second"] = batch_size * len(measured) / sum(measured)

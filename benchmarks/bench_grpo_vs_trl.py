@@ -2,6 +2,7 @@
 
     python benchmarks/bench_grpo_vs_trl.py               # 6 steps each
     python benchmarks/bench_grpo_vs_trl.py --steps 3
+    python benchmarks/bench_grpo_vs_trl.py --steps 3 --repeats 3   # alternate the pair 3 times: medians
     python benchmarks/bench_grpo_vs_trl.py --steps 2 --threads 1   # on a busy machine: compare CPU s/step
 
 The job (issue 13's setting): SmolLM2-135M (preftune's embedded default; TRL gets the converted
@@ -13,7 +14,9 @@ completions, at most 48 new tokens, temperature 1, β = 0.04, one policy update 
 batch, a length reward (1 − |words − 20| / 20, clipped at 0), lr 1e-5 constant, same seed, no
 gradient checkpointing, GRPO's per-sequence loss mean on both sides. No vLLM on either side.
 
-Each trainer runs in a fresh process (so peak RSS is its own). Reported: steady-state steps/s and
+Each trainer runs in a fresh process (so peak RSS is its own); with `--repeats N` the pair runs N
+times, alternating, and each figure is the median over the runs, the speed ratio the median of the
+N per-pair ratios with their range. Reported: steady-state steps/s and
 generated tokens/s (the first step excluded), peak RSS, and the process CPU seconds per step. On a
 machine other jobs share, wall times mostly measure the contention (a 2-thread process whose
 threads are descheduled in turn waits at every op's barrier); CPU seconds per step at
@@ -26,8 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
+import statistics
 import sys
 import tempfile
 import time
@@ -35,7 +37,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-RESULT_PREFIX = "BENCH-RESULT "
+sys.path.insert(0, str(HERE))
+from worker import emit_result, run_worker  # noqa: E402  (benchmarks/worker.py: one run per process)
+
 MODEL = "smollm2-135m"
 PROMPTS_PER_STEP = 2
 GROUP = 4
@@ -68,10 +72,6 @@ def preftune_config(output_dir: Path, steps: int, *, gradient_checkpointing: boo
                      "per_device_train_batch_size": PROMPTS_PER_STEP, "max_steps": steps, "seed": SEED,
                      "gradient_checkpointing": gradient_checkpointing, "report_to": ["jsonl"]},
     })
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
 
 
 def run_preftune(args) -> dict:
@@ -178,23 +178,16 @@ def worker(args) -> None:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     result = run_preftune(args) if args.worker == "preftune" else run_trl(args)
-    result["peak_rss_gb"] = peak_rss_gb()
-    result["wall_seconds"] = time.perf_counter() - started
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    emit_result(result, started)
 
 
 def launch(name: str, args) -> dict:
     steps = args.steps
     with tempfile.TemporaryDirectory(prefix=f"bench-grpo-{name}-") as workdir:
-        command = [sys.executable, __file__, "--worker", name, "--steps", str(steps), "--workdir", workdir,
+        command = [__file__, "--worker", name, "--steps", str(steps), "--workdir", workdir,
                    "--threads", str(args.threads), "--dtype", args.dtype]
         print(f"[{time.strftime('%H:%M:%S')}] {name}: {steps} steps", flush=True)
-        completed = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-    lines = [line for line in completed.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    if completed.returncode != 0 or not lines:
-        sys.stderr.write(completed.stderr[-6000:])
-        raise SystemExit(f"{name} failed (exit {completed.returncode})")
-    result = json.loads(lines[-1][len(RESULT_PREFIX) :])
+        result = run_worker(name, command)
     measured = result["step_seconds"][1:] or result["step_seconds"]
     tokens = result["generated_tokens"][1:] or result["generated_tokens"]
     result.update(name=name, steps=steps)
@@ -208,11 +201,18 @@ def launch(name: str, args) -> dict:
     return result
 
 
+def median_result(runs: list[dict]) -> dict:
+    """One row from several runs of a trainer: the median of each per-run figure."""
+    figures = ("seconds_per_step", "steps_per_second", "cpu_seconds_per_step", "generated_tokens_per_second", "peak_rss_gb")
+    return {**runs[0], **{key: statistics.median(run[key] for run in runs) for key in figures}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=0, help="torch threads in each trainer (0 = torch's default)")
     parser.add_argument("--dtype", default="auto", help="preftune's model.dtype (TRL runs float32)")
+    parser.add_argument("--repeats", type=int, default=1, help="run the pair (preftune, then TRL) this many times; report medians")
     parser.add_argument("--worker", choices=["preftune", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -220,26 +220,30 @@ def main() -> None:
         worker(args)
         return
     load_before = os.getloadavg()
-    ours, theirs = launch("preftune", args), launch("trl", args)
+    pairs = [(launch("preftune", args), launch("trl", args)) for _ in range(args.repeats)]
     load_after = os.getloadavg()
+    ours, theirs = median_result([o for o, _ in pairs]), median_result([t for _, t in pairs])
+    pair_ratios = [o["steps_per_second"] / t["steps_per_second"] for o, t in pairs]
     import platform
 
     import torch
     import trl
 
-    ratio = ours["steps_per_second"] / theirs["steps_per_second"]
+    ratio = statistics.median(pair_ratios)
+    spread = f" [{min(pair_ratios):.2f}–{max(pair_ratios):.2f}]" if len(pairs) > 1 else ""
     lines = [
         f"\n## GRPO vs TRL GRPOTrainer — {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}\n",
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
         f"trl {trl.__version__}; load average before/after {load_before[0]:.2f}/{load_after[0]:.2f}. "
         f"SmolLM2-135M (preftune model.dtype {args.dtype}: {ours.get('precision') or '?'}; TRL fp32), "
         f"{'torch threads ' + str(args.threads) + ', ' if args.threads else ''}LoRA r16 q/v, {PROMPTS_PER_STEP} prompts × G={GROUP}, ≤{MAX_NEW_TOKENS} new tokens, β {BETA}, length reward, "
-        f"{args.steps} steps (first excluded).\n",
+        f"{args.steps} steps (first excluded); {len(pairs)} run(s) of each, alternating"
+        f"{': medians over the runs, the ratio the median of the per-pair ratios [min–max]' if len(pairs) > 1 else ''}.\n",
         "| trainer | s/step | steps/s | CPU s/step | generated tokens/s | peak RSS GB | vs TRL steps/s | vs TRL CPU s/step |",
         "|---|---|---|---|---|---|---|---|",
     ]
     cpu_ratio = theirs["cpu_seconds_per_step"] / ours["cpu_seconds_per_step"]
-    for result, versus, cpu_versus in ((ours, f"{ratio:.2f}×", f"{cpu_ratio:.2f}× less"), (theirs, "1.00×", "1.00×")):
+    for result, versus, cpu_versus in ((ours, f"{ratio:.2f}×{spread}", f"{cpu_ratio:.2f}× less"), (theirs, "1.00×", "1.00×")):
         lines.append(f"| {result['name']} | {result['seconds_per_step']:.2f} | {result['steps_per_second']:.3f} | "
                      f"{result['cpu_seconds_per_step']:.2f} | {result['generated_tokens_per_second']:.1f} | {result['peak_rss_gb']:.2f} | "
                      f"{versus} | {cpu_versus} |")
@@ -248,7 +252,7 @@ def main() -> None:
     with (HERE / "results.md").open("a", encoding="utf-8") as out:
         out.write(text)
     with (HERE / "results.jsonl").open("a", encoding="utf-8") as out:
-        out.write(json.dumps({"benchmark": "grpo_vs_trl", "preftune": ours, "trl": theirs, "load": [load_before, load_after]}) + "\n")
+        out.write(json.dumps({"benchmark": "grpo_vs_trl", "preftune": ours, "trl": theirs, "runs": pairs, "load": [load_before, load_after]}) + "\n")
 
 
 if __name__ == "__main__":
