@@ -76,3 +76,7 @@ def test_train_reward_is_train_with_the_reward_model_method(tmp_path, model_dir)
     assert main(["train-reward", "--config", str(path)]) == 0
     identity = json.loads((tmp_path / "run" / runfolder.IDENTITY).read_text(encoding="utf-8"))
     assert identity["method"] == "reward_model" and identity["status"] == "finished"
+    # The report judges the reward model's accuracy and margins, never its scores as if they were log-probs.
+    summary = (tmp_path / "run" / "summary.md").read_text(encoding="utf-8")
+    assert "| preference accuracy |" in summary
+    assert "log p(chosen) per token" not in summary and "log p(rejected) per token" not in summary

@@ -146,6 +146,17 @@ _TABLE: list[tuple[str, Callable[[Mapping[str, Any], float], float | None], str,
 ]
 
 
+# A reward model's evaluation rows carry its scores in `policy_logps`: these rows would read them as log-probs.
+_LOG_PROB_ROWS = {"log p(chosen) per token", "log p(rejected) per token"}
+
+
+def _scores_not_log_probs(records: RunRecords) -> bool:
+    try:
+        return get_method(records.method).model_kind == "reward_model"
+    except PreftuneError:
+        return False
+
+
 def _paired_values(before_rows, after_rows, value, beta) -> tuple[list[float], list[float]]:
     before_by_example = {row.get("example", i): row for i, row in enumerate(before_rows)}
     before, after = [], []
@@ -175,8 +186,11 @@ def judge_before_after(records: RunRecords) -> tuple[list[Judged], int, int] | N
     beta = _beta(records)
     tied_before = all_tied(before_rows, beta)
     constrained = any("constraint/hinge" in row for row in after_rows)
+    skipped = _LOG_PROB_ROWS if _scores_not_log_probs(records) else set()
     judged = []
     for label, value, wanted, ranking in _TABLE:
+        if label in skipped:
+            continue
         before, after = _paired_values(before_rows, after_rows, value, beta)
         if not after:
             continue
