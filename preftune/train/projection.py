@@ -24,6 +24,7 @@ import torch
 
 from preftune.methods.base import ProjectionSpec
 
+
 @dataclass(frozen=True)
 class ProjectionResult:
     metrics: dict[str, float]
@@ -35,7 +36,6 @@ def project(trainer: Any, spec: ProjectionSpec, shards: list[list], examples_in_
     """Project the policy of `trainer` (the loop's `Trainer`: its micro-batch forward, reductions, optimiser)
     toward the feasible region of `spec` on the step's micro-batches."""
     device = trainer.accelerator.device
-    max_norm = trainer.training.max_grad_norm if trainer.training.max_grad_norm is not None else math.inf
     taken, before, problem = 0, None, None
     previous: list[torch.Tensor] | None = None  # the weights before the last step, until the pass after it checked it
     checked = 0.0  # the violated fraction of the last pass whose penalties were all finite
@@ -72,7 +72,7 @@ def project(trainer: Any, spec: ProjectionSpec, shards: list[list], examples_in_
             trainer.optimizer.zero_grad(set_to_none=True)
             break
         trainer.all_reduce_gradients()
-        norm = torch.nn.utils.clip_grad_norm_(trainer.trainable, max_norm).item()
+        norm = trainer.clip_gradients().item()
         if not math.isfinite(norm):
             problem = f"gradient norm {norm}"
             trainer.optimizer.zero_grad(set_to_none=True)

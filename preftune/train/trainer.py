@@ -216,8 +216,7 @@ class Trainer:
         self.all_reduce_gradients()
         totals = self.sum_across_processes(sums)
         metrics = {key: (value / examples_in_step).item() for key, value in totals.items()}
-        max_norm = self.training.max_grad_norm if self.training.max_grad_norm is not None else math.inf
-        metrics["grad_norm"] = grad_norm_value(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
+        metrics["grad_norm"] = grad_norm_value(self.clip_gradients())
         metrics["learning_rate"] = self.optimizer.param_groups[0]["lr"]
         metrics["pairs"] = float(examples_in_step)
 
@@ -243,6 +242,11 @@ class Trainer:
                 problem=result.problem, steps_taken=result.steps_taken,
             )
         return result.metrics
+
+    def clip_gradients(self) -> torch.Tensor:
+        """Clip the trainable gradients to `training.max_grad_norm` (null: not clipped); returns their total norm."""
+        max_norm = self.training.max_grad_norm if self.training.max_grad_norm is not None else math.inf
+        return torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
 
     def all_reduce_gradients(self) -> None:
         """One flat all-reduce per optimiser step (see docs/ARCHITECTURE.md for why not DDP's hooks); FSDP reduces its own."""
