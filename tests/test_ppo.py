@@ -11,7 +11,9 @@ import torch
 from preftune import runfolder
 from preftune.config import validate_config
 from preftune.methods.base import GroupLogps
+from preftune.methods.reward_model import REWARD_MODEL_FOLDER
 from preftune.methods.ppo import VALUE_HEAD, PPOLoss, PPOSample, PPOSettings, step_explained_variance
+from preftune.online.generation import GenerationSettings, generate
 from preftune.run import build_trainer
 from tests.support import save_tiny_model, tiny_run_config
 
@@ -21,10 +23,10 @@ def model_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
-def _config(run_dir, model_dir, method, **training):
+def _config(run_dir, model_dir, method, *, prompts=64, **training):
     config = tiny_run_config(
         run_dir, model_dir, model={"name_or_path": str(model_dir), "lora": None},
-        data={"max_train_samples": 64, "max_validation_samples": 4, "max_prompt_length": 32, "max_length": 64},
+        data={"max_train_samples": prompts, "max_validation_samples": 4, "max_prompt_length": 32, "max_length": 64},
         training={"per_device_train_batch_size": 16, "learning_rate": 2e-2, "logging_steps": 1, **training},
     )
     raw = config.model_dump(mode="json")
@@ -100,3 +102,61 @@ def test_after_a_crash_and_resume_ppo_equals_a_straight_run(tmp_path, model_dir)
     assert rows(tmp_path / "resumed") == rows(tmp_path / "straight")
     assert ((tmp_path / "resumed" / runfolder.CONTROLLERS).read_bytes()
             == (tmp_path / "straight" / runfolder.CONTROLLERS).read_bytes())
+
+
+def _own_samples(trainer, prompts: range, *, seed: int) -> tuple[list[str], list[list[int]], list[str]]:
+    """Eight completions of each prompt by the tiny policy itself: (prompt texts, completion ids, completion texts)."""
+    examples = [trainer.data.train[i] for i in prompts]
+    settings = GenerationSettings(max_new_tokens=8, num_return_sequences=8)
+    generations = generate(trainer.policy, trainer.tokenizer, [e.prompt_ids for e in examples], settings, seed=seed)
+    return (trainer.tokenizer.batch_decode([e.prompt_ids for e in examples], skip_special_tokens=True),
+            generations.completion_ids, generations.texts)
+
+
+def _write_labelled_pairs(path, samples) -> int:
+    """The hidden labeller: it prefers completions with more even token ids. Per prompt, its best three completions
+    are paired with its worst three wherever the labeller's counts differ by at least 2."""
+    prompts, ids, texts = samples
+    count = 0
+    with path.open("w", encoding="utf-8") as out:
+        for k, prompt in enumerate(prompts):
+            ranked = sorted(range(k * 8, (k + 1) * 8), key=lambda i: sum(token % 2 == 0 for token in ids[i]))
+            for worse, better in zip(ranked[:3], reversed(ranked[-3:])):
+                if sum(t % 2 == 0 for t in ids[better]) - sum(t % 2 == 0 for t in ids[worse]) >= 2:
+                    out.write(json.dumps({"prompt": prompt, "chosen": texts[better], "rejected": texts[worse]}) + "\n")
+                    count += 1
+    return count
+
+
+def test_ppo_raises_the_score_of_a_reward_model_trained_on_the_policys_own_labelled_samples(tmp_path, model_dir):
+    # RLHF end to end: sample from the policy, label the samples (here by a hidden rule), fit a Bradley–Terry reward
+    # model on the pairs through `preftune train-reward`'s method, then PPO against that model's score alone.
+    sampler = build_trainer(_config(tmp_path / "sampler", model_dir, {}, prompts=464, max_steps=1))
+    train_samples, validation_samples = _own_samples(sampler, range(0, 400), seed=1), _own_samples(sampler, range(400, 464), seed=2)
+    train_pairs = _write_labelled_pairs(tmp_path / "rm-train.jsonl", train_samples)
+    validation_pairs = _write_labelled_pairs(tmp_path / "rm-validation.jsonl", validation_samples)
+    assert train_pairs >= 600 and validation_pairs >= 100, (train_pairs, validation_pairs)
+
+    reward_config = tiny_run_config(
+        tmp_path / "reward-model", model_dir, model={"name_or_path": str(model_dir), "lora": None},
+        data={"train_file": str(tmp_path / "rm-train.jsonl"), "validation_file": str(tmp_path / "rm-validation.jsonl"),
+              "max_train_samples": None, "max_validation_samples": None, "max_prompt_length": 32, "max_length": 64},
+        training={"max_steps": 200, "per_device_train_batch_size": 16, "learning_rate": 1e-3, "eval_steps": 200},
+    ).model_dump(mode="json")
+    reward_config["method"] = {"loss_type": "reward_model"}
+    fitted = build_trainer(validate_config(reward_config)).train()
+    assert fitted.final_eval["eval/rewards/accuracies"] >= 0.8, fitted.final_eval
+    reward_model = tmp_path / "reward-model" / "final" / REWARD_MODEL_FOLDER
+
+    run_dir = tmp_path / "ppo"
+    config = _config(run_dir, model_dir, {"kl_coef": 0.01, "ppo_epochs": 2,
+                                          "rewards": [{"function": "reward_model", "path": str(reward_model)}]},
+                     max_steps=40, eval_steps=40)
+    build_trainer(config).train()
+    rows = runfolder.read_jsonl(run_dir / runfolder.METRICS)
+    rollouts = [row["reward"] for row in rows if "loss" in row][::2]  # ppo_epochs 2: each rollout's score is logged twice
+    evaluations = [row["eval/reward"] for row in rows if "eval/reward" in row]
+    # Against the reward model's own scale: its mean chosen − rejected score gap on the held-out labelled pairs.
+    gap = fitted.final_eval["eval/rewards/chosen"] - fitted.final_eval["eval/rewards/rejected"]
+    assert sum(rollouts[-5:]) / 5 > sum(rollouts[:5]) / 5 + 0.1 * gap, (rollouts, gap)
+    assert evaluations[-1] > evaluations[0] + 0.3 * gap, (evaluations, gap)  # the same validation prompts and seed
