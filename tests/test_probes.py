@@ -14,9 +14,11 @@ from preftune.eval.probes import (
     load_probes,
     markdown_cell,
     pick_generation_probes,
+    log_odds_change,
     render_probe_rows,
     run_probes,
 )
+from preftune.eval.stats import sign_test_p
 from preftune.logprobs import unshared_sequence_logps
 from preftune.model.lora import apply_lora
 from tests.support import load_test_tokenizer, save_tiny_model, tiny_llama
@@ -161,6 +163,20 @@ def test_markdown_counts_per_split():
     text = "\n".join(lines)
     assert "1 of 2 (dev 1/1, heldout 0/1)" in text
     assert "| a | dev | 0.5 → 0.00247 |" in text
+    # log p(y_l) − log p(y_w): reference −6 − (−6) = 0, trained −10 − (−4) = −6; the unchanged probe is no evidence.
+    assert "dev fell for 1 of 1, median -6.00 nats (one-sided sign test p = 0.5); heldout unchanged" in text
+
+
+def test_the_log_odds_summary_counts_falls_and_gives_the_sign_test():
+    reference = ProbeScores(-6.0, -6.0, 2, 5)
+    moves = [-3.0, -1.0, +2.0, -0.5, 0.0]  # change of log p(y_l) − log p(y_w); the 0 is a tie, left out
+    rows = [ProbeResult(Probe(f"p{i}", "heldout", "", "", None), reference, ProbeScores(-6.0, -6.0 + move, 2, 5)).to_row()
+            for i, move in enumerate(moves)]
+    assert [log_odds_change(row) for row in rows] == moves
+    text = "\n".join(render_probe_rows(rows))
+    # 3 falls of 4 moves: P(X ≥ 3) for Binomial(4, ½) = (4 + 1) / 16 = 0.3125; median of all five = −0.5.
+    assert "heldout fell for 3 of 4, median -0.50 nats (one-sided sign test p = 0.31)" in text
+    assert sign_test_p(3, 4) == 5 / 16 and sign_test_p(0, 4) == 1.0 and sign_test_p(12, 12) == 1 / 4096
 
 
 def test_probe_command_with_a_separate_reference(tmp_path, capsys):

@@ -29,6 +29,7 @@ which other prompts were picked, and equals a plain greedy `model.generate` of t
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ from preftune.data.collate import PackedBatch, collate_pairs
 from preftune.data.readers import read_records
 from preftune.data.records import TokenizedExample
 from preftune.errors import ModelError
+from preftune.eval.stats import sign_test_p
 from preftune.logprobs import SequenceLogps, sequence_logps
 from preftune.model.loading import load_model
 from preftune.model.lora import is_lora
@@ -53,6 +55,7 @@ SHIPPED_PROBES = Path(__file__).resolve().parents[1] / "datasets" / "probes" / "
 PROBES_FILE = "probes.json"
 PAIR_PROBABILITY_BAR = 0.01
 CHOSEN_MIN_RISE = 0.01  # nats per token
+LOG_ODDS_TIE = 1e-4  # nats: changes this small are float noise between two forward passes, neither a fall nor a rise
 DEFAULT_MAX_LENGTH = 512
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_CHUNK_SIZE = 512
@@ -363,6 +366,8 @@ def render_probe_rows(data: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> 
         f"{CHOSEN_MIN_RISE:g} nats): {sum(r['met_bar'] for r in rows)} of {len(rows)} ({counts})",
         f"- already below {PAIR_PROBABILITY_BAR:.0%} under the reference (marked *): "
         f"{sum(bool(r.get('reference_already_below_bar')) for r in rows)} of {len(rows)}",
+        "- log-odds of picking y_l, log p(y_l) − log p(y_w) (summed), trained − reference: "
+        + "; ".join(_log_odds_summary([r for r in rows if r.get("split", "") == split], split or "all") for split in splits),
         "",
         "| probe | split | p(y_l ∣ pair) reference → trained | p(y_w) per token reference → trained | p(y_l) per token reference → trained | met the bar |",
         "|---|---|---|---|---|---|",
@@ -376,6 +381,23 @@ def render_probe_rows(data: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> 
             f"| {ref['rejected_token_prob']:.3g} → {trained['rejected_token_prob']:.3g} | {'✓' if row['met_bar'] else '✗'} |"
         )
     return lines
+
+
+def log_odds_change(row: Mapping[str, Any]) -> float:
+    """Trained − reference change of log p(y_l) − log p(y_w) for one probe row: < 0 when y_l became the less likely pick.
+    Unlike p(y_l ∣ pair) it does not saturate at 0 or 1, so it shows movement on probes far from the 50/50 line."""
+    ref, trained = row["reference"], row["trained"]
+    return (trained["rejected_logp"] - trained["chosen_logp"]) - (ref["rejected_logp"] - ref["chosen_logp"])
+
+
+def _log_odds_summary(rows: Sequence[Mapping[str, Any]], split: str) -> str:
+    changes = [log_odds_change(row) for row in rows]
+    moved = [change for change in changes if abs(change) > LOG_ODDS_TIE]
+    if not moved:
+        return f"{split} unchanged"
+    fell = sum(change < 0 for change in moved)
+    return (f"{split} fell for {fell} of {len(moved)}, median {statistics.median(changes):+.2f} nats "
+            f"(one-sided sign test p = {sign_test_p(fell, len(moved)):.2g})")
 
 
 # Inline Markdown syntax (the only kind a table cell parses), and "|" which ends a cell.

@@ -92,6 +92,14 @@ def proportion_interval(values: Sequence[float | bool], *, confidence: float = D
     return Interval(p, p - half, p + half, confidence, "standard error", n)
 
 
+def sign_test_p(successes: int, trials: int) -> float:
+    """One-sided exact sign test: P(X ≥ successes) for X ~ Binomial(trials, ½), the chance of at least this many
+    moves in the wanted direction if each were a fair coin flip (ties are left out of `trials` by the caller)."""
+    if not 0 <= successes <= trials:
+        raise ValueError(f"successes {successes} must lie in [0, trials {trials}]")
+    return sum(math.comb(trials, k) for k in range(successes, trials + 1)) / 2**trials
+
+
 def paired_bootstrap(
     before: Sequence[float],
     after: Sequence[float],
