@@ -11,8 +11,8 @@ import torch
 from preftune import runfolder
 from preftune.config import validate_config
 from preftune.methods.base import GroupLogps
-from preftune.methods.reward_model import REWARD_MODEL_FOLDER
 from preftune.methods.ppo import VALUE_HEAD, PPOLoss, PPOSample, PPOSettings, step_explained_variance
+from preftune.methods.reward_model import REWARD_MODEL_FOLDER
 from preftune.online.generation import GenerationSettings, generate
 from preftune.run import build_trainer
 from tests.support import save_tiny_model, tiny_run_config
@@ -104,10 +104,13 @@ def test_after_a_crash_and_resume_ppo_equals_a_straight_run(tmp_path, model_dir)
             == (tmp_path / "straight" / runfolder.CONTROLLERS).read_bytes())
 
 
+SAMPLES_PER_PROMPT = 8
+
+
 def _own_samples(trainer, prompts: range, *, seed: int) -> tuple[list[str], list[list[int]], list[str]]:
-    """Eight completions of each prompt by the tiny policy itself: (prompt texts, completion ids, completion texts)."""
+    """SAMPLES_PER_PROMPT completions of each prompt by the tiny policy itself: (prompt texts, completion ids, texts)."""
     examples = [trainer.data.train[i] for i in prompts]
-    settings = GenerationSettings(max_new_tokens=8, num_return_sequences=8)
+    settings = GenerationSettings(max_new_tokens=8, num_return_sequences=SAMPLES_PER_PROMPT)
     generations = generate(trainer.policy, trainer.tokenizer, [e.prompt_ids for e in examples], settings, seed=seed)
     return (trainer.tokenizer.batch_decode([e.prompt_ids for e in examples], skip_special_tokens=True),
             generations.completion_ids, generations.texts)
@@ -117,12 +120,13 @@ def _write_labelled_pairs(path, samples) -> int:
     """The hidden labeller: it prefers completions with more even token ids. Per prompt, its best three completions
     are paired with its worst three wherever the labeller's counts differ by at least 2."""
     prompts, ids, texts = samples
+    even = [sum(token % 2 == 0 for token in completion) for completion in ids]
     count = 0
     with path.open("w", encoding="utf-8") as out:
         for k, prompt in enumerate(prompts):
-            ranked = sorted(range(k * 8, (k + 1) * 8), key=lambda i: sum(token % 2 == 0 for token in ids[i]))
+            ranked = sorted(range(k * SAMPLES_PER_PROMPT, (k + 1) * SAMPLES_PER_PROMPT), key=even.__getitem__)
             for worse, better in zip(ranked[:3], reversed(ranked[-3:])):
-                if sum(t % 2 == 0 for t in ids[better]) - sum(t % 2 == 0 for t in ids[worse]) >= 2:
+                if even[better] - even[worse] >= 2:
                     out.write(json.dumps({"prompt": prompt, "chosen": texts[better], "rejected": texts[worse]}) + "\n")
                     count += 1
     return count

@@ -12,9 +12,9 @@ from preftune.eval.probes import (
     ProbeResult,
     ProbeScores,
     load_probes,
+    log_odds_change,
     markdown_cell,
     pick_generation_probes,
-    log_odds_change,
     render_probe_rows,
     run_probes,
 )
