@@ -3,7 +3,8 @@
 The plain computation (`unshared_sequence_logps`) runs one right-padded sequence per (prompt,
 answer) through the full model and takes log_softmax over the whole vocabulary. The engine shares
 each prompt between its answers, packs several pairs into a row behind a block mask, and projects
-only answer positions onto the vocabulary in checkpointed chunks. Both must agree.
+only answer positions onto the vocabulary in chunks (a frozen head's gradient formed in forward,
+a trained head's chunks checkpointed). Both must agree.
 """
 
 from __future__ import annotations
@@ -129,9 +130,10 @@ def test_chunk_size_changes_neither_logps_nor_gradients(pairs, tokenizer):
             assert_grads_close(grads[name], reference_grads[name], name)
 
 
-def test_no_full_vocabulary_tensor_is_kept_for_backward(pairs, tokenizer):
-    """Checkpointed chunks: autograd saves no [positions, vocab] tensor, however many answer tokens there are."""
-    model = _lora_policy(len(tokenizer)).train()
+@pytest.mark.parametrize("adapter", ["lora", "full"])
+def test_no_full_vocabulary_tensor_is_kept_for_backward(pairs, tokenizer, adapter):
+    """Frozen head (LoRA) or checkpointed chunks (trained head): autograd saves no [positions, vocab] tensor."""
+    model = _lora_policy(len(tokenizer)).train() if adapter == "lora" else tiny_llama(len(tokenizer)).train()
     batch = collate_pairs(pairs, pad_id=tokenizer.pad_token_id)
     vocab = len(tokenizer)
     saved_shapes = []

@@ -13,9 +13,9 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from preftune.data.collate import PackedBatch
+from preftune.logprobs.head import chunked_token_logps
 
 # Config attributes of architectures whose logits are not simply `lm_head(final hidden state)`.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -60,9 +60,9 @@ def sequence_logps(
 ) -> SequenceLogps:
     """Sum of log p(answer token | context) per sequence, computing logits only at answer positions.
 
-    The vocabulary projection runs over `chunk_size` answer positions at a time and, under
-    autograd, is recomputed in backward instead of stored, so no [tokens, vocab] tensor lives
-    longer than one chunk.
+    The vocabulary projection runs over `chunk_size` answer positions at a time and no [tokens,
+    vocab] tensor lives longer than one chunk: a frozen head forms each chunk's gradient in
+    forward, a trained one is recomputed in backward (preftune/logprobs/head.py).
     """
     decoder, head = _decoder_and_head(model)
     mask = _attention_mask_for(model, batch.attention_mask)
@@ -113,31 +113,13 @@ def answer_forward(
     decoder, head = _decoder_and_head(model)
     hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask).last_hidden_state
     answer_hidden = hidden.reshape(-1, hidden.shape[-1])[target_index]  # [targets, hidden]
-    return _chunked_token_logps(head, answer_hidden, target_ids, chunk_size), answer_hidden
+    return chunked_token_logps(head, answer_hidden, target_ids, chunk_size), answer_hidden
 
 
 def _per_sequence(token_logps: torch.Tensor, sequence: torch.Tensor, num_sequences: int) -> SequenceLogps:
     sums = torch.zeros(num_sequences, dtype=token_logps.dtype, device=token_logps.device).index_add(0, sequence, token_logps)
     counts = torch.bincount(sequence, minlength=num_sequences).to(token_logps.dtype)
     return SequenceLogps(sums, counts)
-
-
-def _token_logps(head: torch.nn.Module, hidden: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
-    logits = head(hidden).float()
-    return logits.gather(-1, target_ids[:, None]).squeeze(-1) - logits.logsumexp(-1)
-
-
-def _chunked_token_logps(
-    head: torch.nn.Module, hidden: torch.Tensor, target_ids: torch.Tensor, chunk_size: int
-) -> torch.Tensor:
-    pieces = []
-    for start in range(0, hidden.shape[0], chunk_size):
-        h, ids = hidden[start : start + chunk_size], target_ids[start : start + chunk_size]
-        if torch.is_grad_enabled() and h.requires_grad:
-            pieces.append(checkpoint(_token_logps, head, h, ids, use_reentrant=False))
-        else:
-            pieces.append(_token_logps(head, h, ids))
-    return torch.cat(pieces)
 
 
 def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
