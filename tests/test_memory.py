@@ -38,11 +38,13 @@ def _saved_activation_bytes(trainer, examples) -> tuple[int, int, int]:
     return sum(storages.values()), rows, row_length
 
 
-@pytest.mark.parametrize("lora", [LORA, None], ids=["lora", "full"])
+@pytest.mark.parametrize(
+    "lora, dtype", [(LORA, "float32"), (LORA, "bfloat16"), (None, "float32")], ids=["lora", "lora-bf16-base", "full"]
+)
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["stored", "checkpointed"])
-def test_the_estimate_matches_the_saved_activations_of_a_real_step(tmp_path, model_dir, lora, checkpointing):
+def test_the_estimate_matches_the_saved_activations_of_a_real_step(tmp_path, model_dir, lora, dtype, checkpointing):
     config = tiny_run_config(
-        tmp_path / "run", model_dir, model={"name_or_path": str(model_dir), "lora": lora},
+        tmp_path / "run", model_dir, model={"name_or_path": str(model_dir), "lora": lora, "dtype": dtype},
         training={"per_device_train_batch_size": 8, "gradient_checkpointing": checkpointing, "reference_cache": False},
     )
     trainer = build_trainer(config)
@@ -50,6 +52,7 @@ def test_the_estimate_matches_the_saved_activations_of_a_real_step(tmp_path, mod
     estimate = estimate_activation_bytes(
         trainer.policy.config if lora is None else trainer.policy.get_base_model().config,
         rows=rows, row_length=row_length, lora_rank=lora["r"] if lora else None, lora_targets=2 if lora else 0,
+        low_precision_mlp=dtype == "bfloat16",
     )
     # With checkpointing the recomputed layer's tensors are saved inside backward, under the checkpoint's own
     # hooks; what these hooks see through the forward is the layer inputs.

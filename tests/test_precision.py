@@ -12,7 +12,14 @@ from preftune.errors import ConfigError
 from preftune.logprobs import sequence_logps
 from preftune.logprobs.cache import open_reference_cache
 from preftune.model.lora import apply_lora
-from preftune.model.precision import bf16_matmul_supported, cpu_flags, resolve_base_dtype, store_frozen_linears
+from preftune.model.precision import (
+    LowPrecisionGatedMLP,
+    bf16_matmul_supported,
+    cpu_flags,
+    resolve_base_dtype,
+    runs_low_precision_mlps,
+    store_frozen_linears,
+)
 from preftune.run import build_trainer
 from tests.support import save_tiny_model, tiny_run_config
 
@@ -103,6 +110,46 @@ def test_a_bf16_base_linear_takes_fp32_input_and_returns_fp32(model_dir):
     assert (y - expected).norm() / expected.norm() < 2e-2  # bf16 rounding of inputs and weights
     y.sum().backward()
     assert x.grad.dtype == torch.float32
+
+
+def test_the_fused_bf16_mlp_computes_what_its_three_cast_wrapped_linears_compute_and_saves_a_third(model_dir):
+    """Forward and input gradient bit-identical to the module's own forward over the bf16 linears; saved: bf16 gate, up."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    store_frozen_linears(model, "bfloat16")
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(37, mlp.gate_proj.in_features)
+    upstream = torch.randn(37, mlp.down_proj.out_features)
+    results = {}
+    for name, forward in (("fused", mlp.forward), ("linears", lambda t: type(mlp).forward(mlp, t))):
+        inputs = x.clone().requires_grad_(True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            output = forward(inputs)
+        (output * upstream).sum().backward()
+        activations = [t for t in saved if t.shape[0] == 37]  # weights are saved too; they are not activations
+        results[name] = output.detach(), inputs.grad, sum(t.numel() * t.element_size() for t in activations)
+    assert results["fused"][0].dtype == torch.float32
+    assert torch.equal(results["fused"][0], results["linears"][0]) and torch.equal(results["fused"][1], results["linears"][1])
+    intermediate = mlp.gate_proj.out_features
+    assert results["fused"][2] == 37 * 2 * intermediate * 2  # gate and up, bf16
+    assert results["linears"][2] >= 37 * 3 * intermediate * 4  # gate, up and silu(gate), fp32
+    assert runs_low_precision_mlps(model)
+
+
+def test_an_mlp_with_lora_adapters_keeps_its_own_forward_and_trains_them(model_dir):
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    store_frozen_linears(model, "bfloat16")
+    model = apply_lora(model, r=4, alpha=8, dropout=0.0, target_modules=["up_proj"])
+    assert not runs_low_precision_mlps(model)
+    calls = []
+    original = LowPrecisionGatedMLP.apply
+    LowPrecisionGatedMLP.apply = lambda *args: calls.append(1) or original(*args)
+    try:
+        model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits.sum().backward()
+    finally:
+        LowPrecisionGatedMLP.apply = original
+    assert not calls
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
 
 
 def test_bf16_and_fp32_bases_never_share_reference_cache_entries(tmp_path, model_dir):

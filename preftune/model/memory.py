@@ -4,23 +4,25 @@
 backward in the largest micro-batch would not fit `training.memory_budget_gb` (default: half of
 the available RAM, or of the free GPU memory).
 
-The estimate (bytes, activations of `bytes_per_element`, fp32 here: the residual stream stays
-fp32 even with a bf16 base, whose casts save nothing extra) counts what a Llama-style decoder
-layer (transformers' sdpa path) saves, per token of the packed rows (T = rows × row length, pads
-included) and per layer, with d hidden size, i intermediate size, h·e attention heads × head dim,
-r the LoRA rank and m the number of LoRA target modules:
+The estimate (bytes; activations are fp32, 4 bytes, even with a bf16 base: the residual stream
+stays fp32) counts what a Llama-style decoder layer (transformers' sdpa path) saves, per token of
+the packed rows (T = rows × row length, pads included) and per layer, with d hidden size, i
+intermediate size, h·e attention heads × head dim, r the LoRA rank and m the number of LoRA
+target modules, in fp32 elements:
 
     per token:  3·d  (the two RMSNorms' inputs and normalised outputs)
               + 4·h·e (q and k after RoPE, k and v repeated to all h heads for GQA, the attention output)
               + 3·i  (gate, up and SiLU(gate), kept for the gated product)
+                or i (2·i bf16 elements: gate and up only, with a bf16 base whose MLP has no adapter;
+                     preftune/model/precision.py, `LowPrecisionGatedMLP`)
               + r·m  (each adapter's x·A)                                     [LoRA]
               + 4·d + h·e + i  (the inputs of the trained o/down projections)  [full fine-tune]
     per row:    row length²  (the block mask as an additive float mask, one copy per layer)
 
-    outside     = T · (2·e + d) · bytes_per_element   (RoPE cos/sin, the final norm's input; + T·d when the
+    outside     = T · (2·e + d) · 4   (RoPE cos/sin, the final norm's input; + T·d when the
                   embeddings are trained)
-    stored      = layers · (T · per token + rows · row length²) · bytes_per_element + outside
-    checkpointed = layers · T · d · bytes_per_element + outside  (each layer's input)
+    stored      = layers · (T · per token + rows · row length²) · 4 + outside
+    checkpointed = layers · T · d · 4 + outside  (each layer's input)
                  + one layer's stored activations (recomputed in backward, one layer at a time)
 
 The kv heads do not lower it: the sdpa path repeats k and v to all heads before attention.
@@ -80,17 +82,19 @@ class MemoryPlan:
 
 
 def estimate_activation_bytes(
-    config, *, rows: int, row_length: int, lora_rank: int | None, lora_targets: int = 0, bytes_per_element: int = 4
+    config, *, rows: int, row_length: int, lora_rank: int | None, lora_targets: int = 0, low_precision_mlp: bool = False
 ) -> ActivationEstimate:
     """Saved-activation bytes of one micro-batch of `rows` packed rows of `row_length` (formula: module docstring).
 
-    `config` is the model's transformers config; `lora_rank=None` means a full fine-tune.
+    `config` is the model's transformers config; `lora_rank=None` means a full fine-tune;
+    `low_precision_mlp`: the MLP runs as `LowPrecisionGatedMLP` (bf16 base, no adapter on the MLP).
     """
+    bytes_per_element = 4
     d, i = config.hidden_size, config.intermediate_size
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or d // heads
     attention = heads * head_dim
-    per_token = 3 * d + 4 * attention + 3 * i
+    per_token = 3 * d + 4 * attention + (i if low_precision_mlp else 3 * i)
     per_token += lora_rank * lora_targets if lora_rank is not None else 4 * d + attention + i
     tokens = rows * row_length
     per_layer = (tokens * per_token + rows * row_length**2) * bytes_per_element

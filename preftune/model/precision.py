@@ -9,6 +9,14 @@ gradients, the optimiser state and every loss reduction. A low-precision linear 
 to the weight dtype and its output back to the input's dtype, so x @ A of the adapter next to it
 runs in fp32 on the fp32 activations.
 
+A gated MLP (Llama-style `down(silu(gate(x)) * up(x))`) whose three projections are all stored low
+runs as one autograd function, `LowPrecisionGatedMLP`: the same arithmetic as the three cast-wrapped
+linears (bf16 matmuls, the SiLU and the product in fp32), but it casts its input once and keeps
+only the bf16 gate and up outputs for backward, recomputing the SiLU there. That is 2 bf16
+tensors of the intermediate size per token instead of 3 fp32 ones (the largest saved activations
+of the layer), and fewer [tokens, intermediate] passes through memory. An MLP whose projections
+carry LoRA adapters keeps the module's own forward.
+
 A full fine-tune (`model.lora: null`) trains the base itself, and bf16 weights under an fp32
 AdamW lose every update smaller than a bf16 ulp: it stays fp32 (see `resolve_base_dtype`).
 """
@@ -81,6 +89,9 @@ def store_frozen_linears(model: torch.nn.Module, dtype: str) -> int:
             module.to(low)
             module.forward = types.MethodType(_low_precision_linear_forward, module)
             converted += 1
+    for module in decoder.modules():
+        if _is_silu_gated_mlp(module):
+            module.forward = types.MethodType(_low_precision_gated_mlp_forward, module)
     return converted
 
 
@@ -88,6 +99,75 @@ def _low_precision_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> tor
     # The matmul (forward, and the activation gradient in backward) runs in the weight dtype; the
     # activations around it stay in theirs, so norms, residuals and adapters see fp32.
     return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+
+
+_GATED_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _is_silu_gated_mlp(module: torch.nn.Module) -> bool:
+    act = getattr(module, "act_fn", None)
+    return (
+        all(isinstance(getattr(module, name, None), torch.nn.Linear) for name in _GATED_PROJECTIONS)
+        and (isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation")
+        and type(module).__name__.endswith("MLP")  # Llama, Mistral, Qwen2, ...: down(act(gate(x)) * up(x))
+    )
+
+
+def _projections_are_frozen_low_precision(mlp: torch.nn.Module) -> bool:
+    # False e.g. with LoRA on the MLP (peft's layers wrap the projections) or after `upcast_frozen_linears`.
+    return all(
+        type(p) is torch.nn.Linear and p.weight.dtype in LOW_PRECISION.values()
+        for p in (getattr(mlp, name) for name in _GATED_PROJECTIONS)
+    )
+
+
+def _low_precision_gated_mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if not _projections_are_frozen_low_precision(self):
+        return type(self).forward(self, x)
+    gate, up, down = (getattr(self, name) for name in _GATED_PROJECTIONS)
+    return LowPrecisionGatedMLP.apply(x, gate.weight, gate.bias, up.weight, up.bias, down.weight, down.bias)
+
+
+def runs_low_precision_mlps(model: torch.nn.Module) -> bool:
+    """True when the decoder's gated MLPs run as `LowPrecisionGatedMLP` (what the activation estimate needs to know)."""
+    mlps = [m for m in model.modules() if _is_silu_gated_mlp(m)]
+    return bool(mlps) and all(
+        getattr(m.forward, "__func__", None) is _low_precision_gated_mlp_forward and _projections_are_frozen_low_precision(m)
+        for m in mlps
+    )
+
+
+class LowPrecisionGatedMLP(torch.autograd.Function):
+    """down(silu(gate(x)) * up(x)) with frozen low-precision weights; x and the result in x's dtype.
+
+    Forward is the arithmetic of the cast-wrapped linears: x cast to the weight dtype, the gate and up
+    matmuls in it, silu(gate) * up in fp32, cast down for the down matmul, the result cast back.
+    Backward uses the saved low-precision gate and up (exact: they are the matmuls' outputs).
+    """
+
+    @staticmethod
+    def forward(ctx, x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias):
+        low = gate_weight.dtype
+        x_low = x.to(low)
+        gate = F.linear(x_low, gate_weight, gate_bias)
+        up = F.linear(x_low, up_weight, up_bias)
+        product = F.silu(gate.float()).mul_(up.float()).to(low)
+        ctx.save_for_backward(gate, up, gate_weight, up_weight, down_weight)
+        ctx.input_dtype = x.dtype
+        return F.linear(product, down_weight, down_bias).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        gate, up, gate_weight, up_weight, down_weight = ctx.saved_tensors
+        low = gate_weight.dtype
+        grad_product = (grad_output.to(low) @ down_weight).float()
+        gate32 = gate.float()
+        sigmoid = torch.sigmoid(gate32)
+        grad_up = (grad_product * gate32 * sigmoid).to(low)  # ∂/∂up = silu(gate)
+        # silu'(g) = σ(g) · (1 + g · (1 − σ(g)))
+        grad_gate = (grad_product * up.float() * sigmoid * (1 + gate32 * (1 - sigmoid))).to(low)
+        grad_x = (grad_gate @ gate_weight).to(ctx.input_dtype) + (grad_up @ up_weight).to(ctx.input_dtype)
+        return grad_x, None, None, None, None, None, None
 
 
 def upcast_frozen_linears(model: torch.nn.Module) -> None:

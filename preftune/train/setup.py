@@ -22,6 +22,7 @@ from preftune.logprobs.cache import ReferenceLogpsCache, open_reference_cache
 from preftune.methods import DataShape, Method
 from preftune.methods.base import ExampleLayout, Loss, ProjectionSpec, Rollout
 from preftune.model.memory import MemoryPlan, default_memory_budget_bytes, estimate_activation_bytes, plan_gradient_checkpointing
+from preftune.model.precision import runs_low_precision_mlps
 from preftune.model.reference import ReferenceModel
 from preftune.train.distributed import Distribution, plan_distribution, reshard_all
 
@@ -74,6 +75,7 @@ def memory_plan(config: RunConfig, policy: torch.nn.Module, *, longest_example: 
     estimate = estimate_activation_bytes(
         inner.config, rows=training.per_device_train_batch_size, row_length=longest_example,
         lora_rank=lora.r if lora is not None else None, lora_targets=len(lora.target_modules) if lora is not None else 0,
+        low_precision_mlp=runs_low_precision_mlps(inner),
     )
     budget = None
     if training.gradient_checkpointing == "auto":
