@@ -14,6 +14,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from preftune.config import RunConfig, validate_config
 from preftune.data import load_pairs, tokenize_pairs
 from preftune.data.pipeline import resolve_data_path
+from preftune.logprobs.attention import PACKED_SDPA
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 BYTEBPE_TOKENIZER = ASSETS / "tokenizers" / "bytebpe"
@@ -29,8 +30,8 @@ def load_test_tokenizer(path: Path = BYTEBPE_TOKENIZER):
 def tiny_llama(
     vocab_size: int, *, seed: int = 0, hidden_size: int = 32, layers: int = 2, tie_word_embeddings: bool = False
 ) -> LlamaForCausalLM:
-    """A 2-layer Llama with random weights; sdpa attention like the real models. SmolLM2 ties its LM head to
-    the embeddings (`tie_word_embeddings`)."""
+    """A 2-layer Llama with random weights; preftune's packed sdpa attention like the real models. SmolLM2 ties its
+    LM head to the embeddings (`tie_word_embeddings`)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -41,7 +42,7 @@ def tiny_llama(
         num_key_value_heads=2,
         max_position_embeddings=1024,
         tie_word_embeddings=tie_word_embeddings,
-        attn_implementation="sdpa",
+        attn_implementation=PACKED_SDPA,
     )
     model = LlamaForCausalLM(config)
     model.config.use_cache = False

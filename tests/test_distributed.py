@@ -121,7 +121,9 @@ def _assert_same_run(fsdp_dir, single_dir) -> None:
     for fsdp_row, single_row in zip(fsdp_rows, single_rows):
         for key, value in single_row.items():
             if isinstance(value, float):
-                assert fsdp_row[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (fsdp_row["step"], key)
+                # abs 1e-5: rewards are β × differences of ~-300-nat log-prob sums, whose fp32 rounding (~3e-5 nats)
+                # differs when the two runs pack their rows, and so block their attention, differently.
+                assert fsdp_row[key] == pytest.approx(value, rel=1e-5, abs=1e-5), (fsdp_row["step"], key)
             else:
                 assert fsdp_row[key] == value, (fsdp_row["step"], key)
     for exported in ("final/merged/model.safetensors", "checkpoints/step-4/trainable.safetensors"):

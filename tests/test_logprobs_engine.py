@@ -14,6 +14,7 @@ import torch
 
 from preftune.data.collate import collate_pairs
 from preftune.logprobs import sequence_logps, unshared_sequence_logps
+from preftune.logprobs.attention import PACKED_SDPA
 from preftune.losses.dpo import dpo_loss
 from preftune.model.lora import apply_lora
 from preftune.model.reference import ReferenceModel
@@ -70,7 +71,7 @@ def test_the_batch_is_really_packed_and_shares_prompts(pairs, tokenizer):
     assert batch.num_tokens < unshared_tokens
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", [PACKED_SDPA, "sdpa", "eager"])
 def test_shared_prompt_packed_logps_equal_the_plain_computation(pairs, tokenizer, attention):
     model = tiny_llama(len(tokenizer)).eval()
     model.config._attn_implementation = attention

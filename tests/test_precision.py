@@ -10,6 +10,7 @@ from preftune.config import validate_config
 from preftune.data.collate import collate_pairs
 from preftune.errors import ConfigError
 from preftune.logprobs import sequence_logps
+from preftune.logprobs.attention import PACKED_SDPA
 from preftune.logprobs.cache import open_reference_cache
 from preftune.model.lora import apply_lora
 from preftune.model.precision import (
@@ -87,7 +88,11 @@ def test_the_fp32_path_is_the_plain_fp32_model_bit_for_bit(tmp_path, model_dir):
     trainer = _trainer(tmp_path, model_dir, "float32", "fp32")
     assert {p.dtype for p in trainer.policy.parameters()} == {torch.float32}
     torch.manual_seed(trainer.config.training.seed)
-    plain = apply_lora(AutoModelForCausalLM.from_pretrained(model_dir), r=4, alpha=8, dropout=0.0, target_modules=LORA["target_modules"])
+    # The same attention as a run's (preftune's packed sdpa): what differs is only what the precision code would touch.
+    plain = apply_lora(
+        AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=PACKED_SDPA), r=4, alpha=8, dropout=0.0,
+        target_modules=LORA["target_modules"],
+    )
     batch = collate_pairs(trainer.data.train[:4], pad_id=trainer.pad_id)
     ours, theirs = sequence_logps(trainer.policy, batch).sum, sequence_logps(plain, batch).sum
     assert torch.equal(ours, theirs)

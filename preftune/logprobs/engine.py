@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from preftune.data.collate import PackedBatch
+from preftune.logprobs.attention import KEY_RANGES_ARGUMENT, PACKED_SDPA, KeyRanges, query_block_key_ranges
 from preftune.logprobs.head import chunked_token_logps
 
 # Config attributes of architectures whose logits are not simply `lm_head(final hidden state)`.
@@ -71,8 +72,10 @@ def sequence_logps(
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         # A sharded model registers this computation as a forward of its root (preftune/train/distributed.py).
         forward = getattr(inner, SHARDED_ANSWER_FORWARD, None) or partial(answer_forward, inner)
+        key_ranges = query_block_key_ranges(mask) if _attention_implementation(inner) == PACKED_SDPA else None
         token_logps, answer_hidden = forward(
-            batch.input_ids, batch.position_ids, mask, batch.target_index, batch.target_ids, chunk_size=chunk_size
+            batch.input_ids, batch.position_ids, mask, batch.target_index, batch.target_ids, chunk_size=chunk_size,
+            key_ranges=key_ranges,
         )
     else:
         outputs = model(
@@ -101,6 +104,7 @@ def answer_forward(
     target_ids: torch.Tensor,
     *,
     chunk_size: int,
+    key_ranges: KeyRanges | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p of each target token [targets], the final hidden state predicting it [targets, hidden]).
 
@@ -109,9 +113,11 @@ def answer_forward(
     a sharded model can register it as a forward of its root module: the root's parameters (the
     embeddings, the final norm, the LM head) are then gathered once around the whole computation
     and the chunk loop issues no collective, whatever each process's number of answer tokens.
+    `key_ranges` reach the attention of a model loaded with `PACKED_SDPA` (preftune/logprobs/attention.py).
     """
     decoder, head = _decoder_and_head(model)
-    hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask).last_hidden_state
+    attention = {} if key_ranges is None else {KEY_RANGES_ARGUMENT: key_ranges}
+    hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, **attention).last_hidden_state
     answer_hidden = hidden.reshape(-1, hidden.shape[-1])[target_index]  # [targets, hidden]
     return chunked_token_logps(head, answer_hidden, target_ids, chunk_size), answer_hidden
 
@@ -137,18 +143,23 @@ def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module | None, t
     return decoder, head
 
 
+def _attention_implementation(model: torch.nn.Module) -> str:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(inner.config, "_attn_implementation", "sdpa")
+
+
 def _attention_mask_for(model: torch.nn.Module, mask: torch.Tensor) -> torch.Tensor:
     """SDPA takes the boolean block mask as is; eager attention adds a float mask to the scores."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    implementation = getattr(inner.config, "_attn_implementation", "sdpa")
-    if implementation == "sdpa":
+    implementation = _attention_implementation(inner)
+    if implementation in ("sdpa", PACKED_SDPA):
         return mask
     if implementation == "eager":
         dtype = next(inner.parameters()).dtype
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
     raise ValueError(
         f"attention implementation '{implementation}' cannot take preftune's block mask: load the model with "
-        "attn_implementation='sdpa' (the default) or 'eager'"
+        f"attn_implementation='{PACKED_SDPA}' (preftune's default), 'sdpa' or 'eager'"
     )
 
 

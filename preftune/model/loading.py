@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from preftune.atomic import atomic_directory
 from preftune.errors import ModelError
+from preftune.logprobs.attention import PACKED_SDPA
 from preftune.settings import cache_root
 
 logger = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ def load_model(
             dtype=DTYPES[dtype],
             local_files_only=True,
             trust_remote_code=trust_remote_code,
-            attn_implementation="sdpa",
+            attn_implementation=PACKED_SDPA,
             use_safetensors=None if pickled else True,
         )
     except OSError as error:

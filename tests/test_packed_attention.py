@@ -1,0 +1,80 @@
+"""Packed attention (preftune/logprobs/attention.py): the key range of each block of queries, and the result against dense sdpa."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from preftune.data.collate import collate_pairs
+from preftune.logprobs.attention import KEY_RANGES_ARGUMENT, packed_sdpa_attention, query_block_key_ranges
+from tests.support import load_test_tokenizer, tokenized_hh_pairs
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """Twelve real hh-rlhf pairs packed into rows: several examples per row, shared prompts, padding."""
+    tokenizer = load_test_tokenizer()
+    return collate_pairs(tokenized_hh_pairs(tokenizer, read=12), pad_id=tokenizer.pad_token_id)
+
+
+def test_each_block_sees_exactly_the_keys_between_its_first_and_last_visible_key(batch):
+    mask = batch.attention_mask
+    ranges = query_block_key_ranges(mask, block=16)
+    length = mask.shape[-1]
+    computed = 0
+    for row in range(mask.shape[0]):
+        for index, (start, end) in enumerate(zip(ranges.starts[row], ranges.ends[row])):
+            block = mask[row, 0, index * 16 : (index + 1) * 16]
+            visible = block.any(0).nonzero().flatten()
+            assert (start, end) == (visible.min().item(), visible.max().item() + 1)
+            assert not block[:, :start].any() and not block[:, end:].any()
+            computed += block.shape[0] * (end - start)
+    assert computed < 0.6 * mask.shape[0] * length * length  # the point: far less than the dense [length, length]
+
+
+class _Attention(torch.nn.Module):
+    """What transformers' attention functions read from their module."""
+
+    is_causal = True
+
+    def __init__(self, groups: int):
+        super().__init__()
+        self.num_key_value_groups = groups
+
+
+@pytest.mark.parametrize("block", [8, 16, 1000])
+def test_packed_attention_and_its_gradients_equal_dense_masked_sdpa(batch, block):
+    mask = batch.attention_mask
+    rows, _, length, _ = mask.shape
+    heads, kv_heads, dim = 4, 2, 8
+    torch.manual_seed(0)
+    inputs = [torch.randn(rows, n, length, dim, requires_grad=True) for n in (heads, kv_heads, kv_heads)]
+    upstream = torch.randn(rows, length, heads, dim)
+    module = _Attention(heads // kv_heads)
+
+    packed, _ = packed_sdpa_attention(
+        module, *inputs, mask, scaling=dim**-0.5, **{KEY_RANGES_ARGUMENT: query_block_key_ranges(mask, block)}
+    )
+    (packed * upstream).sum().backward()
+    packed_grads = [t.grad.clone() for t in inputs]
+    for t in inputs:
+        t.grad = None
+    query, key, value = inputs
+    dense = F.scaled_dot_product_attention(
+        query, key.repeat_interleave(2, 1), value.repeat_interleave(2, 1), attn_mask=mask, scale=dim**-0.5
+    ).transpose(1, 2)
+    (dense * upstream).sum().backward()
+
+    torch.testing.assert_close(packed, dense, rtol=1e-5, atol=1e-6)
+    for ours, theirs in zip(packed_grads, (t.grad for t in inputs)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)  # sums over up to ~200 keys
+
+
+def test_without_ranges_it_is_transformers_sdpa(batch):
+    mask = batch.attention_mask
+    rows, _, length, _ = mask.shape
+    query, key, value = (torch.randn(rows, 2, length, 8) for _ in range(3))
+    ours, _ = packed_sdpa_attention(_Attention(1), query, key, value, mask)
+    dense = F.scaled_dot_product_attention(query, key, value, attn_mask=mask).transpose(1, 2)
+    torch.testing.assert_close(ours, dense)
