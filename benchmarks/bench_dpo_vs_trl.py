@@ -39,6 +39,14 @@ import flops  # noqa: E402  (benchmarks/flops.py: the FLOP count and the matmul 
 from worker import emit_result, run_worker  # noqa: E402
 
 MODEL = "smollm2-135m"
+# Larger shapes of the same family (their published configs' sizes), random-initialised from the 135M config:
+# speed does not depend on the weights' values, and nothing is downloaded.
+MODEL_SHAPES = {
+    "135m": {},
+    "360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5),
+    "1.7b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=32),
+}
+RUNS = ("trl-default", "trl-fastest", "preftune", "preftune-cached", "preftune-checkpointed")
 LEARNING_RATE = 5e-5
 BETA = 0.1
 SEED = 42
@@ -47,13 +55,16 @@ PEAK_SHAPE = "[2048, 576] @ [576, 1536], SmolLM2-135M's MLP shape"
 
 
 # ---- the job, shared by both trainers -------------------------------------------------------
-def preftune_config(output_dir: Path, *, batch_size: int, max_length: int, steps: int, cache_dir: Path, reference_cache: bool):
+def preftune_config(
+    output_dir: Path, *, batch_size: int, max_length: int, steps: int, cache_dir: Path, reference_cache: bool,
+    gradient_checkpointing: bool | str = "auto", model: str = MODEL,
+):
     from preftune.config import validate_config
 
     return validate_config(
         {
             "output_dir": str(output_dir),
-            "model": {"name_or_path": MODEL, "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}},
+            "model": {"name_or_path": model, "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}},
             # Validation is not run by the benchmark; one pair keeps its loading cheap.
             "data": {"train_file": "hh-rlhf-harmless:train", "max_validation_samples": 1, "max_length": max_length},
             "method": {"loss_type": "sigmoid", "beta": BETA},
@@ -66,6 +77,7 @@ def preftune_config(output_dir: Path, *, batch_size: int, max_length: int, steps
                 "report_to": ["jsonl"],
                 "reference_cache": reference_cache,
                 "reference_cache_dir": str(cache_dir),
+                "gradient_checkpointing": gradient_checkpointing,
             },
         }
     )
@@ -78,6 +90,7 @@ def run_preftune(args) -> dict:
     config = preftune_config(
         Path(args.workdir) / "preftune", batch_size=args.batch_size, max_length=args.max_length, steps=args.steps,
         cache_dir=Path(args.cache_dir), reference_cache=True,
+        gradient_checkpointing=True if args.checkpointing == "on" else "auto", model=args.model,
     )
     trainer = build_trainer(config)
     model_config = trainer.policy.get_base_model().config
@@ -96,7 +109,7 @@ def run_preftune(args) -> dict:
             work = work + flops.packed_work(trainer.layout.collate(examples, pad_id=trainer.pad_id), examples)
         step_flops.append(flops.step_flops(
             model_config, work, lora_rank=16, lora_targets=LORA_TARGETS, checkpointing=checkpointing,
-            reference_in_step=trainer.reference_cache.misses > misses_before, head_recomputed=True,
+            reference_in_step=trainer.reference_cache.misses > misses_before, head_recomputed=False,  # frozen head: gradient formed in forward
         )["total"])
     trainer.reference_cache.flush()
     return {
@@ -125,7 +138,7 @@ def run_trl(args, *, fastest: bool) -> dict:
     # The same pairs in the same order as preftune's run: take them from a preftune trainer's data order.
     config = preftune_config(
         Path(args.workdir) / "order", batch_size=args.batch_size, max_length=args.max_length, steps=args.steps,
-        cache_dir=Path(args.cache_dir), reference_cache=False,
+        cache_dir=Path(args.cache_dir), reference_cache=False, model=args.model,
     )
     reference_trainer = build_trainer(config)
     order = [i for step in range(args.steps) for batch in reference_trainer.step_micro_batches(0, step) for i in batch]
@@ -163,8 +176,9 @@ def run_trl(args, *, fastest: bool) -> dict:
             if logs and "loss" in logs:
                 self.losses.append(logs["loss"])
 
-    tokenizer = load_tokenizer(MODEL)
-    model = load_model(MODEL)
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model)
+    model.set_attn_implementation("sdpa")  # transformers' own attention: TRL as its users run it
     settings = dict(
         output_dir=str(Path(args.workdir) / "trl"),
         per_device_train_batch_size=args.batch_size,
@@ -209,7 +223,7 @@ def run_trl(args, *, fastest: bool) -> dict:
         "step_seconds": timer.step_seconds,
         "losses": timer.losses,
         "setup_seconds": setup_seconds,
-        "model": MODEL,  # a name, not the cache path: results are shared across machines
+        "model": args.model_shape,  # a name, not a path: results are shared across machines
         "trl_args": {k: v for k, v in settings.items() if k not in ("output_dir",)},
     }
 
@@ -224,11 +238,15 @@ def worker(args) -> None:
 
 
 # ---- the driver -----------------------------------------------------------------------------
-def launch(name: str, worker_kind: str, *, batch_size: int, max_length: int, steps: int, cache_dir: Path) -> dict:
+def launch(
+    name: str, worker_kind: str, *, batch_size: int, max_length: int, steps: int, cache_dir: Path, model: str,
+    model_shape: str, checkpointing: str = "auto",
+) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as workdir:
         command = [
             __file__, "--worker", worker_kind, "--batch-size", str(batch_size), "--max-length",
             str(max_length), "--steps", str(steps), "--cache-dir", str(cache_dir), "--workdir", workdir,
+            "--checkpointing", checkpointing, "--model", model, "--model-shape", model_shape,
         ]
         print(f"[{time.strftime('%H:%M:%S')}] {name}: batch {batch_size}, max length {max_length}, {steps} steps", flush=True)
         result = run_worker(name, command)
@@ -245,6 +263,25 @@ def launch(name: str, worker_kind: str, *, batch_size: int, max_length: int, ste
         flush=True,
     )
     return result
+
+
+def shaped_model(shape: str, folder: Path) -> str:
+    """The model a run trains: the embedded SmolLM2-135M, or a random-initialised larger shape saved to `folder`."""
+    if not MODEL_SHAPES[shape]:
+        return MODEL
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from preftune.model.loading import load_tokenizer, resolve_model_path
+
+    config = AutoConfig.from_pretrained(resolve_model_path(MODEL), local_files_only=True)
+    for name, value in MODEL_SHAPES[shape].items():
+        setattr(config, name, value)
+    config.head_dim = config.hidden_size // config.num_attention_heads
+    torch.manual_seed(SEED)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder, safe_serialization=True)
+    load_tokenizer(MODEL).save_pretrained(folder)
+    return str(folder)
 
 
 def machine_details() -> dict:
@@ -305,7 +342,7 @@ def report(main_runs: list[dict], scaling: list[dict], details: dict, args, load
         f"Load average (1 min) before / after: {load[0]:.2f} / {load[1]:.2f} "
         f"(above {details['cores']} means other work shared the cores during the run).",
         "",
-        f"Job: {MODEL}, LoRA r=16 alpha=32 on q_proj/v_proj, hh-rlhf-harmless train split, DPO beta {BETA}, "
+        f"Job: {MODEL if args.model_shape == '135m' else f'SmolLM2-{args.model_shape} shape (random init)'}, LoRA r=16 alpha=32 on q_proj/v_proj, hh-rlhf-harmless train split, DPO beta {BETA}, "
         f"lr {LEARNING_RATE} cosine, seed {SEED}; batch {args.batch_size}, max length {args.max_length}, "
         f"{args.steps} steps (pairs/s over steps 2..{args.steps}). Same tokens, same order for every run.",
         "",
@@ -359,6 +396,11 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=HERE / "results.md")
     parser.add_argument("--worker", choices=["preftune", "trl-default", "trl-fastest"], help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpointing", choices=["auto", "on"], default="auto", help=argparse.SUPPRESS)
+    parser.add_argument("--model", default=MODEL, help=argparse.SUPPRESS)
+    parser.add_argument("--model-shape", choices=sorted(MODEL_SHAPES), default="135m",
+                        help="SmolLM2 size: 135m (the real embedded weights) or a random-initialised 360m / 1.7b")
+    parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS), help="which rows to run (default: all)")
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -372,13 +414,20 @@ def main() -> None:
     details["matmul_gflops_fp32"] = flops.matmul_peak(torch.float32) / 1e9
     details["matmul_gflops_bf16"] = flops.matmul_peak(torch.bfloat16) / 1e9
     load_before = os.getloadavg()[0]
-    shape = dict(batch_size=args.batch_size, max_length=args.max_length)
+    model_folder = tempfile.TemporaryDirectory(prefix="bench-model-")
+    model = shaped_model(args.model_shape, Path(model_folder.name))
+    shape = dict(batch_size=args.batch_size, max_length=args.max_length, model=model, model_shape=args.model_shape)
     main_runs = []
     with tempfile.TemporaryDirectory(prefix="bench-reference-cache-") as cache_dir:
-        main_runs.append(launch("trl-default", "trl-default", **shape, steps=args.steps, cache_dir=Path(cache_dir)))
-        main_runs.append(launch("trl-fastest", "trl-fastest", **shape, steps=args.steps, cache_dir=Path(cache_dir)))
-        main_runs.append(launch("preftune", "preftune", **shape, steps=args.steps, cache_dir=Path(cache_dir)))
-        main_runs.append(launch("preftune-cached", "preftune", **shape, steps=args.steps, cache_dir=Path(cache_dir)))
+        for name in RUNS[:4]:  # preftune-cached reads the cache that the preftune run before it filled
+            if name in args.runs:
+                kind = "preftune" if name.startswith("preftune") else name
+                main_runs.append(launch(name, kind, **shape, steps=args.steps, cache_dir=Path(cache_dir)))
+    if "preftune-checkpointed" in args.runs:
+        with tempfile.TemporaryDirectory(prefix="bench-reference-cache-") as cache_dir:  # its own: reference every step
+            main_runs.append(launch(
+                "preftune-checkpointed", "preftune", **shape, steps=args.steps, cache_dir=Path(cache_dir), checkpointing="on",
+            ))
     scaling = []
     if not args.no_scaling:
         # The main shape is already measured above; the grid adds the others.
@@ -387,9 +436,10 @@ def main() -> None:
         for batch_size, max_length in grid:
             for name in ("preftune", "trl-default"):
                 with tempfile.TemporaryDirectory(prefix="bench-reference-cache-") as cache_dir:
-                    scaling.append(
-                        launch(name, name, batch_size=batch_size, max_length=max_length, steps=args.scaling_steps, cache_dir=Path(cache_dir))
-                    )
+                    scaling.append(launch(
+                        name, name, batch_size=batch_size, max_length=max_length, steps=args.scaling_steps,
+                        cache_dir=Path(cache_dir), model=model, model_shape=args.model_shape,
+                    ))
     text = report(main_runs, scaling, details, args, (load_before, os.getloadavg()[0]))
     print("\n" + text)
     with args.results.open("a", encoding="utf-8") as handle:

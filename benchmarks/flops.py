@@ -15,8 +15,9 @@ Backward with a frozen base and LoRA adapters needs the activation gradients of 
 no base-weight gradients: decoder linears 1× their forward (not the 2× of a full fine-tune),
 attention 2× (dQ, dK, dV and dP are four matmuls to the forward's two), LoRA 2× (input and
 weight gradients), LM head 1× (hidden-state gradient only). Gradient checkpointing adds one more
-decoder forward (linears, attention, LoRA) of the policy; preftune's chunked head is recomputed in
-backward (+1× head forward). The reference adds one forward without LoRA when it runs in the step
+decoder forward (linears, attention, LoRA) of the policy; a chunked head recomputed in backward
+adds 1× head forward (preftune's head only when it trains: a frozen one forms its hidden-state
+gradient in forward, which is the 1× of the backward). The reference adds one forward without LoRA when it runs in the step
 (not when its log-probs come from the cache or were precomputed before training).
 """
 
