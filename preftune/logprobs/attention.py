@@ -30,7 +30,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 PACKED_SDPA = "preftune_packed_sdpa"
 KEY_RANGES_ARGUMENT = "preftune_key_ranges"
-QUERY_BLOCK = 128  # measured on SmolLM2's hh-rlhf batches: 64 and 256 were slower (benchmarks/results.md)
+QUERY_BLOCK = 128  # fastest of 64 / 128 / 256 on SmolLM2's hh-rlhf batches (benchmarks/bench_attention.py)
 
 
 @dataclass(frozen=True)

@@ -117,7 +117,8 @@ def answer_forward(
     """
     decoder, head = _decoder_and_head(model)
     attention = {} if key_ranges is None else {KEY_RANGES_ARGUMENT: key_ranges}
-    hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, **attention).last_hidden_state
+    outputs = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, **attention)
+    hidden = outputs.last_hidden_state
     answer_hidden = hidden.reshape(-1, hidden.shape[-1])[target_index]  # [targets, hidden]
     return chunked_token_logps(head, answer_hidden, target_ids, chunk_size), answer_hidden
 

@@ -25,9 +25,12 @@ target modules, in fp32 elements:
     checkpointed = layers · T · d · 4 + outside  (each layer's input)
                  + one layer's stored activations (recomputed in backward, one layer at a time)
 
-The kv heads do not lower it: the sdpa path repeats k and v to all heads before attention.
-Measured against the saved tensors of real forwards (tests/test_memory.py and SmolLM2-135M's
-shapes: 9.0k elements per token per layer predicted 8.99k) it agrees within a few percent; what
+The kv heads do not lower it: transformers' sdpa path repeats k and v to all heads before
+attention. preftune's packed attention on CPU does not (preftune/logprobs/attention.py), so there
+the estimate errs high by 2·(h − kv)·e per token and layer (768 of SmolLM2-135M's ~4.9k fp32
+elements with a bf16 base; the measured 20.4 KB per token per layer is 5.1k). Measured against the
+saved tensors of real forwards (tests/test_memory.py; SmolLM2-135M's shapes before both changes:
+9.0k elements per token per layer predicted 8.99k) it agrees within 15%; what
 the LM head keeps (a [chunk, vocab] slice, recomputed in backward) and the transient gradients of
 backward are not counted, so keep the budget below the physical memory.
 
