@@ -144,8 +144,8 @@ def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module | None, t
     return decoder, head
 
 
-def _attention_implementation(model: torch.nn.Module) -> str:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+def _attention_implementation(inner: torch.nn.Module) -> str:
+    """The attention implementation of the plain causal LM (not a peft wrapper: callers have unwrapped it)."""
     return getattr(inner.config, "_attn_implementation", "sdpa")
 
 
