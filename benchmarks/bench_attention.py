@@ -9,7 +9,8 @@ of one forward + backward of
 
   dense-repeat   transformers' sdpa path with a mask: k and v repeated to every head, dense mask
   dense-gqa      the same with `enable_gqa` (k and v unrepeated)
-  packed-B       preftune's attention (preftune/logprobs/attention.py) with query blocks of B
+  per-block-B    the same blocks as one autograd sdpa call each (`blockwise_sdpa`, the off-CPU path)
+  packed-B       preftune's attention on CPU (`PackedFlashAttentionCPU`) with query blocks of B
 
 and the fraction of the dense [length, length] work each block size computes.
 """
@@ -33,11 +34,11 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from bench_dpo_vs_trl import preftune_config  # noqa: E402
-from preftune.logprobs.attention import KEY_RANGES_ARGUMENT, packed_sdpa_attention, query_block_key_ranges  # noqa: E402
+from preftune.logprobs.attention import KEY_RANGES_ARGUMENT, blockwise_sdpa, packed_sdpa_attention, query_block_key_ranges  # noqa: E402
 from preftune.run import build_trainer  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
-BLOCKS = (64, 128, 256)
+BLOCKS = (32, 64, 128)
 
 
 class _Attention(torch.nn.Module):
@@ -88,6 +89,8 @@ def main() -> None:
                 for starts, ends in zip(ranges.starts, ranges.ends) for i, (start, end) in enumerate(zip(starts, ends))
             )
             row[f"work-{block}"] = round(computed / (rows * length * length), 3)
+            row[f"per-block-{block}"] = _seconds(
+                lambda: blockwise_sdpa(query, key, value, mask, ranges, None), args.repeats)
             row[f"packed-{block}"] = _seconds(lambda: packed_sdpa_attention(
                 _Attention(), query, key, value, mask, **{KEY_RANGES_ARGUMENT: ranges})[0], args.repeats)
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)

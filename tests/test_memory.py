@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from preftune.logprobs.attention import runs_packed_cpu_attention
 from preftune.model.memory import estimate_activation_bytes, plan_gradient_checkpointing
 from preftune.run import build_trainer
 from tests.support import save_tiny_model, tiny_run_config
@@ -49,10 +50,12 @@ def test_the_estimate_matches_the_saved_activations_of_a_real_step(tmp_path, mod
     )
     trainer = build_trainer(config)
     measured, rows, row_length = _saved_activation_bytes(trainer, trainer.data.train[:8])
+    model = trainer.policy if lora is None else trainer.policy.get_base_model()
+    assert runs_packed_cpu_attention(model, "cpu")  # the tests' tiny models load with preftune's packed attention
     estimate = estimate_activation_bytes(
-        trainer.policy.config if lora is None else trainer.policy.get_base_model().config,
+        model.config,
         rows=rows, row_length=row_length, lora_rank=lora["r"] if lora else None, lora_targets=2 if lora else 0,
-        low_precision_mlp=dtype == "bfloat16",
+        low_precision_mlp=dtype == "bfloat16", packed_attention=True,
     )
     # With checkpointing the recomputed layer's tensors are saved inside backward, under the checkpoint's own
     # hooks; what these hooks see through the forward is the layer inputs.

@@ -7,7 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from preftune.data.collate import collate_pairs
-from preftune.logprobs.attention import KEY_RANGES_ARGUMENT, packed_sdpa_attention, query_block_key_ranges
+from preftune.logprobs.attention import (
+    KEY_RANGES_ARGUMENT,
+    PackedFlashAttentionCPU,
+    blockwise_sdpa,
+    packed_sdpa_attention,
+    query_block_key_ranges,
+)
 from tests.support import load_test_tokenizer, tokenized_hh_pairs
 
 
@@ -43,8 +49,17 @@ class _Attention(torch.nn.Module):
         self.num_key_value_groups = groups
 
 
+def _cpu_flash_blocks(module, query, key, value, mask, ranges, scaling):
+    return packed_sdpa_attention(module, query, key, value, mask, scaling=scaling, **{KEY_RANGES_ARGUMENT: ranges})[0]
+
+
+def _sdpa_per_block(module, query, key, value, mask, ranges, scaling):
+    return blockwise_sdpa(query, key, value, mask, ranges, scaling)  # the off-CPU path, here on CPU
+
+
+@pytest.mark.parametrize("implementation", [_cpu_flash_blocks, _sdpa_per_block])
 @pytest.mark.parametrize("block", [8, 16, 1000])
-def test_packed_attention_and_its_gradients_equal_dense_masked_sdpa(batch, block):
+def test_packed_attention_and_its_gradients_equal_dense_masked_sdpa(batch, block, implementation):
     mask = batch.attention_mask
     rows, _, length, _ = mask.shape
     heads, kv_heads, dim = 4, 2, 8
@@ -53,9 +68,7 @@ def test_packed_attention_and_its_gradients_equal_dense_masked_sdpa(batch, block
     upstream = torch.randn(rows, length, heads, dim)
     module = _Attention(heads // kv_heads)
 
-    packed, _ = packed_sdpa_attention(
-        module, *inputs, mask, scaling=dim**-0.5, **{KEY_RANGES_ARGUMENT: query_block_key_ranges(mask, block)}
-    )
+    packed = implementation(module, *inputs, mask, query_block_key_ranges(mask, block), dim**-0.5)
     (packed * upstream).sum().backward()
     packed_grads = [t.grad.clone() for t in inputs]
     for t in inputs:
@@ -69,6 +82,33 @@ def test_packed_attention_and_its_gradients_equal_dense_masked_sdpa(batch, block
     torch.testing.assert_close(packed, dense, rtol=1e-5, atol=1e-6)
     for ours, theirs in zip(packed_grads, (t.grad for t in inputs)):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)  # sums over up to ~200 keys
+
+
+def test_cpu_blocks_backward_is_the_derivative_of_its_forward(batch):
+    """gradcheck in float64 on a slice of real packed rows: blocks that share keys, a block that sees none."""
+    mask = batch.attention_mask[:2, :, :24, :24].clone()
+    mask[1, :, 16:] = False  # the last block of row 1 sees no key: zeros out, zero gradient
+    ranges = query_block_key_ranges(mask, block=8)
+    assert ranges.starts[1][-1] == ranges.ends[1][-1]
+    torch.manual_seed(0)
+    query = torch.randn(2, 2, 24, 4, dtype=torch.float64, requires_grad=True)
+    key, value = (torch.randn(2, 1, 24, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    additive = ranges.additive_mask(mask, torch.float64)
+
+    def attend(q, k, v):
+        return PackedFlashAttentionCPU.apply(q, k, v, additive, ranges, None)
+
+    assert torch.autograd.gradcheck(attend, (query, key, value))
+    assert attend(query, key, value)[1, 16:].abs().max() == 0
+
+
+def test_the_additive_mask_is_built_once_per_batch_for_all_layers(batch):
+    mask = batch.attention_mask
+    ranges = query_block_key_ranges(mask)
+    additive = ranges.additive_mask(mask, torch.float32)
+    assert ranges.additive_mask(mask, torch.float32) is additive
+    assert torch.equal(additive == 0, mask) and torch.isneginf(additive[~mask]).all()
+    assert ranges.additive_mask(mask, torch.bfloat16).dtype == torch.bfloat16
 
 
 def test_without_ranges_it_is_transformers_sdpa(batch):

@@ -5,22 +5,31 @@ each answer sees only its prompt and itself, and attention is causal. On SmolLM2
 batches only 21-29% of a row's [length, length] mask is True, and a dense kernel with a mask
 computes all of it. Here each row is cut into blocks of `QUERY_BLOCK` queries; a block attends
 only to the contiguous key range from the first key any of its queries may see to the last
-(`query_block_key_ranges`), through `scaled_dot_product_attention` with the mask's matching
-slice. The keys outside that range are all masked for the block, so the result is the dense
-masked attention's, to float rounding; at SmolLM2's longest bench batch it computes 42% of the
-dense work.
+(`query_block_key_ranges`), with the mask's matching slice. The keys outside that range are all
+masked for the block, so the result is the dense masked attention's, to float rounding; at
+SmolLM2's longest bench batch it computes 38% of the dense work.
+
+On CPU the blocks run as one autograd function, `PackedFlashAttentionCPU`, around PyTorch's CPU
+flash-attention kernels: forward writes each block's output and log-sum-exp into one buffer,
+backward calls the kernel's backward per block and adds each block's key and value gradients
+into one buffer. Autograd through one sdpa call per block would instead give every block its
+own node, whose backward materialises full-size zero gradients for the query, key and value
+it sliced (3.6× the forward's time on the longest bench batch; 2.5× here). The boolean mask
+becomes the kernel's additive mask once per batch, not once per layer and block. Grouped-query
+attention goes to the kernel as is; transformers' sdpa path repeats k and v to every head when
+a mask is given, because CUDA's kernels need that. Elsewhere (CUDA) each block is one
+`scaled_dot_product_attention` call with k and v repeated; the GPU path for packed rows proper
+is FlashAttention's varlen kernels or FlexAttention's block masks (not built here).
 
 It is registered with transformers as the attention implementation `PACKED_SDPA` (with sdpa's
 mask function), and is sdpa itself whenever a forward does not pass the ranges (generation, the
-plain full-logits path, any model call outside the engine). On CPU, grouped-query attention
-goes to the kernel as is (`enable_gqa`); transformers' sdpa path repeats k and v to every head
-when a mask is given, because CUDA's kernels need that. The GPU path for packed rows is
-FlashAttention's varlen kernels or FlexAttention's block masks (not built here).
+plain full-logits path, any model call outside the engine).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -30,16 +39,36 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 PACKED_SDPA = "preftune_packed_sdpa"
 KEY_RANGES_ARGUMENT = "preftune_key_ranges"
-QUERY_BLOCK = 128  # fastest of 64 / 128 / 256 on SmolLM2's hh-rlhf batches (benchmarks/bench_attention.py)
+QUERY_BLOCK = 64  # fastest of 32 / 64 / 128 on SmolLM2's hh-rlhf batches (benchmarks/bench_attention.py)
+
+_flash_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
 @dataclass(frozen=True)
 class KeyRanges:
-    """Per row, per block of `block` queries: the [start, end) of the keys the block may see (start == end: none)."""
+    """Per row, per block of `block` queries: the [start, end) of the keys the block may see (start == end: none).
+
+    One per batch, shared by every layer, which also share the additive form of the batch's mask.
+    """
 
     block: int
     starts: list[list[int]]
     ends: list[list[int]]
+    _additive_masks: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
+
+    def blocks(self, length: int) -> Iterator[tuple[int, slice, slice]]:
+        """(row, query slice, key slice) of every block that sees at least one key."""
+        for row, (starts, ends) in enumerate(zip(self.starts, self.ends)):
+            for index, (start, end) in enumerate(zip(starts, ends)):
+                if start < end:
+                    yield row, slice(index * self.block, min((index + 1) * self.block, length)), slice(start, end)
+
+    def additive_mask(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The boolean `mask` these ranges were made from as 0 / −inf in `dtype`, built once."""
+        if dtype not in self._additive_masks:
+            self._additive_masks[dtype] = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+        return self._additive_masks[dtype]
 
 
 def query_block_key_ranges(mask: torch.Tensor, block: int = QUERY_BLOCK) -> KeyRanges:
@@ -54,6 +83,48 @@ def query_block_key_ranges(mask: torch.Tensor, block: int = QUERY_BLOCK) -> KeyR
     starts = torch.where(any_key, first, 0).tolist()
     ends = torch.where(any_key, last, 0).tolist()
     return KeyRanges(block, starts, ends)
+
+
+class PackedFlashAttentionCPU(torch.autograd.Function):
+    """Blockwise masked attention on CPU: q [rows, heads, length, dim], k/v [rows, kv heads, length, dim] in,
+    [rows, length, heads, dim] out (transformers' layout). Queries of blocks that see no key get zeros."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, additive_mask, ranges: KeyRanges, scale: float | None):
+        rows, heads, length, _ = query.shape
+        output = query.new_zeros(rows, length, heads, value.shape[-1])
+        logsumexp = query.new_zeros(rows, heads, length, dtype=torch.promote_types(query.dtype, torch.float32))
+        for row, queries, keys in ranges.blocks(length):
+            block_output, block_logsumexp = _flash_forward(
+                query[row : row + 1, :, queries], key[row : row + 1, :, keys], value[row : row + 1, :, keys],
+                0.0, False, attn_mask=additive_mask[row : row + 1, :, queries, keys], scale=scale,
+            )
+            output[row : row + 1, queries] = block_output.transpose(1, 2)
+            logsumexp[row : row + 1, :, queries] = block_logsumexp
+        ctx.save_for_backward(query, key, value, output, logsumexp, additive_mask)
+        ctx.ranges, ctx.scale = ranges, scale
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        query, key, value, output, logsumexp, additive_mask = ctx.saved_tensors
+        grad_query, grad_key, grad_value = torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
+        for row, queries, keys in ctx.ranges.blocks(query.shape[2]):
+            block_grad_query, block_grad_key, block_grad_value = _flash_backward(
+                grad_output[row : row + 1, queries].transpose(1, 2),
+                query[row : row + 1, :, queries], key[row : row + 1, :, keys], value[row : row + 1, :, keys],
+                output[row : row + 1, queries].transpose(1, 2), logsumexp[row : row + 1, :, queries],
+                0.0, False, attn_mask=additive_mask[row : row + 1, :, queries, keys], scale=ctx.scale,
+            )
+            grad_query[row : row + 1, :, queries] = block_grad_query
+            grad_key[row : row + 1, :, keys] += block_grad_key
+            grad_value[row : row + 1, :, keys] += block_grad_value
+        return grad_query, grad_key, grad_value, None, None, None
+
+
+def runs_packed_cpu_attention(model: torch.nn.Module, device: torch.device | str) -> bool:
+    """True when the engine's forwards of `model` (the plain causal LM) on `device` run `PackedFlashAttentionCPU`."""
+    return torch.device(device).type == "cpu" and getattr(model.config, "_attn_implementation", None) == PACKED_SDPA
 
 
 def packed_sdpa_attention(
@@ -74,32 +145,32 @@ def packed_sdpa_attention(
     )
     if not usable:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if query.device.type == "cpu":
+        additive_mask = ranges.additive_mask(attention_mask, query.dtype)
+        return PackedFlashAttentionCPU.apply(query, key, value, additive_mask, ranges, scaling), None
+    return blockwise_sdpa(query, key, value, attention_mask, ranges, scaling), None
+
+
+def blockwise_sdpa(query, key, value, attention_mask, ranges: KeyRanges, scaling: float | None) -> torch.Tensor:
+    """The same blocks as one `scaled_dot_product_attention` call each (any device), k and v repeated to every head."""
     groups = query.shape[1] // key.shape[1]
-    gqa = {}
-    if groups > 1:
-        if query.device.type == "cpu":
-            gqa = {"enable_gqa": True}
-        else:
-            key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     length, block = query.shape[2], ranges.block
     rows = []
     for row, (starts, ends) in enumerate(zip(ranges.starts, ranges.ends)):
         pieces = []
         for index, (start, end) in enumerate(zip(starts, ends)):
-            q_start, q_end = index * block, min((index + 1) * block, length)
-            queries = query[row : row + 1, :, q_start:q_end]
+            queries = query[row : row + 1, :, index * block : min((index + 1) * block, length)]
             if start == end:  # queries that see nothing (padding): zeros, as no key contributes
                 pieces.append(torch.zeros_like(queries[..., : value.shape[-1]]))
                 continue
-            pieces.append(
-                F.scaled_dot_product_attention(
-                    queries, key[row : row + 1, :, start:end], value[row : row + 1, :, start:end],
-                    attn_mask=attention_mask[row : row + 1, :, q_start:q_end, start:end], scale=scaling, **gqa,
-                )
-            )
+            pieces.append(F.scaled_dot_product_attention(
+                queries, key[row : row + 1, :, start:end], value[row : row + 1, :, start:end],
+                attn_mask=attention_mask[row : row + 1, :, index * block : index * block + queries.shape[2], start:end],
+                scale=scaling,
+            ))
         rows.append(torch.cat(pieces, dim=2))
-    output = torch.cat(rows, dim=0)  # [rows, heads, length, dim]
-    return output.transpose(1, 2).contiguous(), None
+    return torch.cat(rows, dim=0).transpose(1, 2).contiguous()  # [rows, length, heads, dim]
 
 
 AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)

@@ -12,27 +12,29 @@ target modules, in fp32 elements:
 
     per token:  3·d  (the two RMSNorms' inputs and normalised outputs)
               + 4·h·e (q and k after RoPE, k and v repeated to all h heads for GQA, the attention output)
+                or 2·h·e + 2·g·e + h (preftune's packed attention on CPU, g kv heads: q, the
+                     unrepeated k and v, the output and its per-head log-sum-exp;
+                     preftune/logprobs/attention.py)
               + 3·i  (gate, up and SiLU(gate), kept for the gated product)
                 or i (2·i bf16 elements: gate and up only, with a bf16 base whose MLP has no adapter;
                      preftune/model/precision.py, `LowPrecisionGatedMLP`)
               + r·m  (each adapter's x·A)                                     [LoRA]
               + 4·d + h·e + i  (the inputs of the trained o/down projections)  [full fine-tune]
-    per row:    row length²  (the block mask as an additive float mask, one copy per layer)
+    per row:    row length²  (the block mask as an additive float mask: one copy per layer, or
+                one for all layers with the packed attention)
 
     outside     = T · (2·e + d) · 4   (RoPE cos/sin, the final norm's input; + T·d when the
                   embeddings are trained)
-    stored      = layers · (T · per token + rows · row length²) · 4 + outside
+    shared      = rows · row length² · 4 with the packed attention (its one mask), else 0
+    stored      = layers · (T · per token + rows · row length²) · 4 + outside + shared
+                  (the per-layer masks only without the packed attention)
     checkpointed = layers · T · d · 4 + outside  (each layer's input)
-                 + one layer's stored activations (recomputed in backward, one layer at a time)
+                 + one layer's stored activations (recomputed in backward, one layer at a time) + shared
 
-The kv heads do not lower it: transformers' sdpa path repeats k and v to all heads before
-attention. preftune's packed attention on CPU does not (preftune/logprobs/attention.py), so there
-the estimate errs high by 2·(h − kv)·e per token and layer (768 of SmolLM2-135M's ~4.9k fp32
-elements with a bf16 base; the measured 20.4 KB per token per layer is 5.1k). Measured against the
-saved tensors of real forwards (tests/test_memory.py; SmolLM2-135M's shapes before both changes:
-9.0k elements per token per layer predicted 8.99k) it agrees within 15%; what
-the LM head keeps (a [chunk, vocab] slice, recomputed in backward) and the transient gradients of
-backward are not counted, so keep the budget below the physical memory.
+Measured against the saved tensors of real forwards (tests/test_memory.py) it agrees within
+15%; what the LM head keeps (a [chunk, hidden] gradient per chunk with a frozen head, a
+recomputed [chunk, vocab] slice with a trained one) and the transient gradients of backward are
+not counted, so keep the budget below the physical memory.
 
 The largest micro-batch is bounded without collating it: each example is one packed row at most
 as long as the longest example (prompt + all its answers) of the training data, so
@@ -85,29 +87,35 @@ class MemoryPlan:
 
 
 def estimate_activation_bytes(
-    config, *, rows: int, row_length: int, lora_rank: int | None, lora_targets: int = 0, low_precision_mlp: bool = False
+    config, *, rows: int, row_length: int, lora_rank: int | None, lora_targets: int = 0, low_precision_mlp: bool = False,
+    packed_attention: bool = False,
 ) -> ActivationEstimate:
     """Saved-activation bytes of one micro-batch of `rows` packed rows of `row_length` (formula: module docstring).
 
     `config` is the model's transformers config; `lora_rank=None` means a full fine-tune;
-    `low_precision_mlp`: the MLP runs as `LowPrecisionGatedMLP` (bf16 base, no adapter on the MLP).
+    `low_precision_mlp`: the MLP runs as `LowPrecisionGatedMLP` (bf16 base, no adapter on the MLP);
+    `packed_attention`: attention runs as preftune's packed attention on CPU (`PackedFlashAttentionCPU`).
     """
     bytes_per_element = 4
     d, i = config.hidden_size, config.intermediate_size
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or d // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
     attention = heads * head_dim
-    per_token = 3 * d + 4 * attention + (i if low_precision_mlp else 3 * i)
+    saved_by_attention = 2 * attention + 2 * kv_heads * head_dim + heads if packed_attention else 4 * attention
+    per_token = 3 * d + saved_by_attention + (i if low_precision_mlp else 3 * i)
     per_token += lora_rank * lora_targets if lora_rank is not None else 4 * d + attention + i
     tokens = rows * row_length
-    per_layer = (tokens * per_token + rows * row_length**2) * bytes_per_element
+    masks_per_layer = 0 if packed_attention else rows * row_length**2
+    per_layer = (tokens * per_token + masks_per_layer) * bytes_per_element
     layers = config.num_hidden_layers
     # Outside the layers: RoPE's cos/sin tables and the final norm's input (plus the embeddings' output when trained).
     outside = tokens * (2 * head_dim + (d if lora_rank is not None else 2 * d)) * bytes_per_element
+    shared_mask = rows * row_length**2 * bytes_per_element if packed_attention else 0  # built once, kept by every layer
     layer_inputs = layers * tokens * d * bytes_per_element + outside
     return ActivationEstimate(
-        rows=rows, row_length=row_length, layers=layers, stored_bytes=layers * per_layer + outside,
-        layer_input_bytes=layer_inputs, checkpointed_bytes=layer_inputs + per_layer,
+        rows=rows, row_length=row_length, layers=layers, stored_bytes=layers * per_layer + outside + shared_mask,
+        layer_input_bytes=layer_inputs, checkpointed_bytes=layer_inputs + per_layer + shared_mask,
     )
 
 

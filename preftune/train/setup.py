@@ -18,6 +18,7 @@ from transformers import get_scheduler
 from preftune.config import RunConfig
 from preftune.control import AlertSettings, Controller, LossScaleAlert, NonFiniteGuard, TrainingAlerts
 from preftune.errors import ConfigError, PreftuneError
+from preftune.logprobs.attention import runs_packed_cpu_attention
 from preftune.logprobs.cache import ReferenceLogpsCache, open_reference_cache
 from preftune.methods import DataShape, Method
 from preftune.methods.base import ExampleLayout, Loss, ProjectionSpec, Rollout
@@ -75,7 +76,7 @@ def memory_plan(config: RunConfig, policy: torch.nn.Module, *, longest_example: 
     estimate = estimate_activation_bytes(
         inner.config, rows=training.per_device_train_batch_size, row_length=longest_example,
         lora_rank=lora.r if lora is not None else None, lora_targets=len(lora.target_modules) if lora is not None else 0,
-        low_precision_mlp=runs_low_precision_mlps(inner),
+        low_precision_mlp=runs_low_precision_mlps(inner), packed_attention=runs_packed_cpu_attention(inner, device),
     )
     budget = None
     if training.gradient_checkpointing == "auto":
