@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from preftune.data.collate import collate_pairs
-from preftune.logprobs import sequence_logps, unshared_sequence_logps
+from preftune.logprobs import engine, sequence_logps, unshared_sequence_logps
 from preftune.logprobs.attention import PACKED_SDPA
 from preftune.losses.dpo import dpo_loss
 from preftune.model.lora import apply_lora
@@ -69,6 +69,40 @@ def test_the_batch_is_really_packed_and_shares_prompts(pairs, tokenizer):
     unshared_tokens = 2 * len(pairs) * max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
     assert batch.input_ids.shape[0] < len(pairs)  # several pairs share a row
     assert batch.num_tokens < unshared_tokens
+
+
+def test_one_row_drops_the_padding_and_keeps_every_token_target_and_mask_block(pairs, tokenizer):
+    batch = collate_pairs(pairs, pad_id=tokenizer.pad_token_id)
+    one = batch.in_one_row()
+    real = sum(batch.row_fill)
+    assert batch.num_tokens > real and one.input_ids.shape == (1, real) and one.row_fill == [real]
+    rows = [slice(row * batch.input_ids.shape[1], row * batch.input_ids.shape[1] + fill) for row, fill in enumerate(batch.row_fill)]
+    assert torch.equal(one.input_ids[0], torch.cat([batch.input_ids.flatten()[r] for r in rows]))
+    assert torch.equal(one.position_ids[0], torch.cat([batch.position_ids.flatten()[r] for r in rows]))
+    assert torch.equal(one.input_ids.flatten()[one.target_index], batch.input_ids.flatten()[batch.target_index])
+    assert torch.equal(one.target_ids, batch.target_ids) and torch.equal(one.target_sequence, batch.target_sequence)
+    start = 0
+    for row, fill in enumerate(batch.row_fill):  # each row's mask is a diagonal block; nothing sees across rows
+        assert torch.equal(one.attention_mask[0, 0, start : start + fill, start : start + fill], batch.attention_mask[row, 0, :fill, :fill])
+        assert not one.attention_mask[0, 0, start : start + fill, :start].any()
+        start += fill
+    assert one.in_one_row() is one
+
+
+def test_the_engine_runs_one_row_only_with_the_packed_attention_and_up_to_its_token_limit(pairs, tokenizer, monkeypatch):
+    batch = collate_pairs(pairs, pad_id=tokenizer.pad_token_id)
+    model = tiny_llama(len(tokenizer)).eval()
+    assert engine.engine_layout(model, batch).input_ids.shape[0] == 1
+    monkeypatch.setattr(engine, "ONE_ROW_TOKENS", sum(batch.row_fill) - 1)
+    assert engine.engine_layout(model, batch) is batch
+    with torch.no_grad():
+        in_rows = sequence_logps(model, batch)
+    monkeypatch.undo()
+    with torch.no_grad():
+        in_one_row = sequence_logps(model, batch)
+    torch.testing.assert_close(in_one_row.sum, in_rows.sum, **LOGPS_TOLERANCE)
+    model.config._attn_implementation = "sdpa"  # a dense kernel would pay for the long row's length squared
+    assert engine.engine_layout(model, batch) is batch
 
 
 @pytest.mark.parametrize("attention", [PACKED_SDPA, "sdpa", "eager"])

@@ -93,28 +93,23 @@ def test_cpu_blocks_backward_is_the_derivative_of_its_forward(batch):
     torch.manual_seed(0)
     query = torch.randn(2, 2, 24, 4, dtype=torch.float64, requires_grad=True)
     key, value = (torch.randn(2, 1, 24, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    additive = ranges.additive_mask(mask, torch.float64)
+    block_masks = ranges.block_masks(mask, torch.float64)
 
     def attend(q, k, v):
-        return PackedFlashAttentionCPU.apply(q, k, v, additive, ranges, None)
+        return PackedFlashAttentionCPU.apply(q, k, v, block_masks, ranges, None)
 
     assert torch.autograd.gradcheck(attend, (query, key, value))
     assert attend(query, key, value)[1, 16:].abs().max() == 0
 
 
-def test_the_additive_mask_is_built_once_per_batch_for_all_layers(batch):
+def test_each_block_mask_is_built_once_per_batch_for_all_layers(batch):
     mask = batch.attention_mask
-    ranges = query_block_key_ranges(mask)
-    additive = ranges.additive_mask(mask, torch.float32)
-    assert ranges.additive_mask(mask, torch.float32) is additive
-    assert torch.equal(additive == 0, mask) and torch.isneginf(additive[~mask]).all()
-    assert ranges.additive_mask(mask, torch.bfloat16).dtype == torch.bfloat16
-
-
-def test_without_ranges_it_is_transformers_sdpa(batch):
-    mask = batch.attention_mask
-    rows, _, length, _ = mask.shape
-    query, key, value = (torch.randn(rows, 2, length, 8) for _ in range(3))
-    ours, _ = packed_sdpa_attention(_Attention(1), query, key, value, mask)
-    dense = F.scaled_dot_product_attention(query, key, value, attn_mask=mask).transpose(1, 2)
-    torch.testing.assert_close(ours, dense)
+    ranges = query_block_key_ranges(mask, block=16)
+    block_masks = ranges.block_masks(mask, torch.float32)
+    assert ranges.block_masks(mask, torch.float32) is block_masks
+    blocks = list(ranges.blocks(mask.shape[-1]))
+    assert len(blocks) == len(block_masks)
+    for (row, queries, keys), additive in zip(blocks, block_masks):
+        visible = mask[row : row + 1, :, queries, keys]
+        assert torch.equal(additive == 0, visible) and torch.isneginf(additive[~visible]).all()
+    assert ranges.block_masks(mask, torch.bfloat16)[0].dtype == torch.bfloat16

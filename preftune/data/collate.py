@@ -43,6 +43,7 @@ class PackedBatch:
     target_sequence: torch.Tensor  # [targets] long, which sequence the target belongs to
     num_examples: int
     answers_per_example: int
+    row_fill: list[int]  # real tokens at the start of each row; the rest of the row is padding
 
     @property
     def num_sequences(self) -> int:
@@ -52,6 +53,33 @@ class PackedBatch:
     def num_tokens(self) -> int:
         """Tokens the model actually runs, padding included."""
         return self.input_ids.numel()
+
+    def in_one_row(self) -> PackedBatch:
+        """The same examples end to end in one row, the padding dropped: same sequences, targets and attention.
+
+        Every row's real tokens come first, so they keep their order; the row masks become the
+        blocks of one block-diagonal mask. Worth it only where attention skips what the mask hides
+        (preftune/logprobs/attention.py): a dense kernel would pay for the row's length squared.
+        """
+        rows, length = self.input_ids.shape
+        if rows == 1 and self.row_fill[0] == length:
+            return self
+        device = self.input_ids.device
+        kept = torch.cat([torch.arange(fill, device=device) + row * length for row, fill in enumerate(self.row_fill)])
+        new_place = torch.full((rows * length,), -1, dtype=torch.long, device=device)
+        new_place[kept] = torch.arange(kept.numel(), device=device)
+        mask = torch.block_diag(*(self.attention_mask[row, 0, :fill, :fill] for row, fill in enumerate(self.row_fill)))
+        return PackedBatch(
+            input_ids=self.input_ids.flatten()[kept][None],
+            position_ids=self.position_ids.flatten()[kept][None],
+            attention_mask=mask[None, None],
+            target_index=new_place[self.target_index],
+            target_ids=self.target_ids,
+            target_sequence=self.target_sequence,
+            num_examples=self.num_examples,
+            answers_per_example=self.answers_per_example,
+            row_fill=[kept.numel()],
+        )
 
     def to(self, device: torch.device | str) -> PackedBatch:
         fields = {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in vars(self).items()}
@@ -126,6 +154,7 @@ def pack_examples(
         target_sequence=torch.tensor(target_sequence, dtype=torch.long),
         num_examples=num_examples,
         answers_per_example=answers_per_example,
+        row_fill=row_fill,
     )
 
 

@@ -14,8 +14,8 @@ flash-attention kernels: forward writes each block's output and log-sum-exp into
 backward calls the kernel's backward per block and adds each block's key and value gradients
 into one buffer. Autograd through one sdpa call per block would instead give every block its
 own node, whose backward materialises full-size zero gradients for the query, key and value
-it sliced (3.6× the forward's time on the longest bench batch; 2.5× here). The boolean mask
-becomes the kernel's additive mask once per batch, not once per layer and block. Grouped-query
+it sliced. Each block's slice of the boolean mask becomes the kernel's additive mask once per
+batch, not once per layer and block. Grouped-query
 attention goes to the kernel as is; transformers' sdpa path repeats k and v to every head when
 a mask is given, because CUDA's kernels need that. Elsewhere (CUDA) each block is one
 `scaled_dot_product_attention` call with k and v repeated; the GPU path for packed rows proper
@@ -55,7 +55,7 @@ class KeyRanges:
     block: int
     starts: list[list[int]]
     ends: list[list[int]]
-    _additive_masks: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
+    _block_masks: dict[torch.dtype, list[torch.Tensor]] = field(default_factory=dict, compare=False, repr=False)
 
     def blocks(self, length: int) -> Iterator[tuple[int, slice, slice]]:
         """(row, query slice, key slice) of every block that sees at least one key."""
@@ -64,11 +64,19 @@ class KeyRanges:
                 if start < end:
                     yield row, slice(index * self.block, min((index + 1) * self.block, length)), slice(start, end)
 
-    def additive_mask(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The boolean `mask` these ranges were made from as 0 / −inf in `dtype`, built once."""
-        if dtype not in self._additive_masks:
-            self._additive_masks[dtype] = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-        return self._additive_masks[dtype]
+    def block_masks(self, mask: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+        """Each block's slice of the boolean `mask` these ranges were made from, as 0 / −inf in `dtype` (built once).
+
+        [1, 1, block queries, block keys] each, in `blocks` order: together about tokens × the keys a
+        block sees, not the row's length squared.
+        """
+        if dtype not in self._block_masks:
+            self._block_masks[dtype] = [
+                torch.zeros((1, 1, queries.stop - queries.start, keys.stop - keys.start), dtype=dtype, device=mask.device)
+                .masked_fill_(~mask[row : row + 1, :, queries, keys], float("-inf"))
+                for row, queries, keys in self.blocks(mask.shape[-1])
+            ]
+        return self._block_masks[dtype]
 
 
 def query_block_key_ranges(mask: torch.Tensor, block: int = QUERY_BLOCK) -> KeyRanges:
@@ -90,31 +98,31 @@ class PackedFlashAttentionCPU(torch.autograd.Function):
     [rows, length, heads, dim] out (transformers' layout). Queries of blocks that see no key get zeros."""
 
     @staticmethod
-    def forward(ctx, query, key, value, additive_mask, ranges: KeyRanges, scale: float | None):
+    def forward(ctx, query, key, value, block_masks: list[torch.Tensor], ranges: KeyRanges, scale: float | None):
         rows, heads, length, _ = query.shape
         output = query.new_zeros(rows, length, heads, value.shape[-1])
         logsumexp = query.new_zeros(rows, heads, length, dtype=torch.promote_types(query.dtype, torch.float32))
-        for row, queries, keys in ranges.blocks(length):
+        for (row, queries, keys), block_mask in zip(ranges.blocks(length), block_masks):
             block_output, block_logsumexp = _flash_forward(
                 query[row : row + 1, :, queries], key[row : row + 1, :, keys], value[row : row + 1, :, keys],
-                0.0, False, attn_mask=additive_mask[row : row + 1, :, queries, keys], scale=scale,
+                0.0, False, attn_mask=block_mask, scale=scale,
             )
             output[row : row + 1, queries] = block_output.transpose(1, 2)
             logsumexp[row : row + 1, :, queries] = block_logsumexp
-        ctx.save_for_backward(query, key, value, output, logsumexp, additive_mask)
-        ctx.ranges, ctx.scale = ranges, scale
+        ctx.save_for_backward(query, key, value, output, logsumexp)
+        ctx.block_masks, ctx.ranges, ctx.scale = block_masks, ranges, scale  # constants: no gradient, shared by every layer
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
-        query, key, value, output, logsumexp, additive_mask = ctx.saved_tensors
+        query, key, value, output, logsumexp = ctx.saved_tensors
         grad_query, grad_key, grad_value = torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
-        for row, queries, keys in ctx.ranges.blocks(query.shape[2]):
+        for (row, queries, keys), block_mask in zip(ctx.ranges.blocks(query.shape[2]), ctx.block_masks):
             block_grad_query, block_grad_key, block_grad_value = _flash_backward(
                 grad_output[row : row + 1, queries].transpose(1, 2),
                 query[row : row + 1, :, queries], key[row : row + 1, :, keys], value[row : row + 1, :, keys],
                 output[row : row + 1, queries].transpose(1, 2), logsumexp[row : row + 1, :, queries],
-                0.0, False, attn_mask=additive_mask[row : row + 1, :, queries, keys], scale=ctx.scale,
+                0.0, False, attn_mask=block_mask, scale=ctx.scale,
             )
             grad_query[row : row + 1, :, queries] = block_grad_query
             grad_key[row : row + 1, :, keys] += block_grad_key
@@ -146,8 +154,8 @@ def packed_sdpa_attention(
     if not usable:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if query.device.type == "cpu":
-        additive_mask = ranges.additive_mask(attention_mask, query.dtype)
-        return PackedFlashAttentionCPU.apply(query, key, value, additive_mask, ranges, scaling), None
+        block_masks = ranges.block_masks(attention_mask, query.dtype)
+        return PackedFlashAttentionCPU.apply(query, key, value, block_masks, ranges, scaling), None
     return blockwise_sdpa(query, key, value, attention_mask, ranges, scaling), None
 
 

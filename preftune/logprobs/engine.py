@@ -21,6 +21,9 @@ from preftune.logprobs.head import chunked_token_logps
 # Config attributes of architectures whose logits are not simply `lm_head(final hidden state)`.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 DEFAULT_CHUNK_SIZE = 512
+# With the packed attention a batch of up to this many tokens runs as one row without padding: its
+# attention costs what the blocks see, not the row's length squared; the boolean mask (16 MB here) does.
+ONE_ROW_TOKENS = 4096
 # The attribute under which a sharded model carries `answer_forward` wrapped in its root's FSDP hooks.
 SHARDED_ANSWER_FORWARD = "preftune_answer_forward"
 
@@ -63,23 +66,26 @@ def sequence_logps(
 
     The vocabulary projection runs over `chunk_size` answer positions at a time and no [tokens,
     vocab] tensor lives longer than one chunk: a frozen head forms each chunk's gradient in
-    forward, a trained one is recomputed in backward (preftune/logprobs/head.py).
+    forward, a trained one is recomputed in backward (preftune/logprobs/head.py). With the packed
+    attention a batch of at most `ONE_ROW_TOKENS` tokens runs as one row, its padding dropped.
     """
     decoder, head = _decoder_and_head(model)
-    mask = _attention_mask_for(model, batch.attention_mask)
     answer_hidden = None
     if decoder is not None:
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        packed_attention = _attention_implementation(inner) == PACKED_SDPA
+        batch = engine_layout(model, batch)
+        mask = _attention_mask_for(model, batch.attention_mask)
         # A sharded model registers this computation as a forward of its root (preftune/train/distributed.py).
         forward = getattr(inner, SHARDED_ANSWER_FORWARD, None) or partial(answer_forward, inner)
-        key_ranges = query_block_key_ranges(mask) if _attention_implementation(inner) == PACKED_SDPA else None
+        key_ranges = query_block_key_ranges(mask) if packed_attention else None
         token_logps, answer_hidden = forward(
             batch.input_ids, batch.position_ids, mask, batch.target_index, batch.target_ids, chunk_size=chunk_size,
             key_ranges=key_ranges,
         )
     else:
         outputs = model(
-            input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask,
+            input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=_attention_mask_for(model, batch.attention_mask),
             output_hidden_states=hidden_states,
         )
         answer_logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])[batch.target_index].float()
@@ -93,6 +99,16 @@ def sequence_logps(
     if hidden_states:
         logps.hidden = answer_hidden
     return logps
+
+
+def engine_layout(model: torch.nn.Module, batch: PackedBatch) -> PackedBatch:
+    """`batch` laid out as `sequence_logps` runs it on `model`: one row without padding when the
+    model's attention is the packed one and the batch has at most `ONE_ROW_TOKENS` tokens, else as is."""
+    decoder, _head = _decoder_and_head(model)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if decoder is not None and _attention_implementation(inner) == PACKED_SDPA and sum(batch.row_fill) <= ONE_ROW_TOKENS:
+        return batch.in_one_row()
+    return batch
 
 
 def answer_forward(

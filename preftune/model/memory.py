@@ -20,12 +20,13 @@ target modules, in fp32 elements:
                      preftune/model/precision.py, `LowPrecisionGatedMLP`)
               + r·m  (each adapter's x·A)                                     [LoRA]
               + 4·d + h·e + i  (the inputs of the trained o/down projections)  [full fine-tune]
-    per row:    row length²  (the block mask as an additive float mask: one copy per layer, or
-                one for all layers with the packed attention)
+    per row:    row length²  (the block mask as an additive float mask, one copy per layer;
+                not with the packed attention, whose block masks are `shared`)
 
     outside     = T · (2·e + d) · 4   (RoPE cos/sin, the final norm's input; + T·d when the
                   embeddings are trained)
-    shared      = rows · row length² · 4 with the packed attention (its one mask), else 0
+    shared      = T · (row length + b) · 4 with the packed attention (each block of b = 64 queries
+                  keeps its mask slice, at most row length + b keys wide), else 0
     stored      = layers · (T · per token + rows · row length²) · 4 + outside + shared
                   (the per-layer masks only without the packed attention)
     checkpointed = layers · T · d · 4 + outside  (each layer's input)
@@ -48,6 +49,8 @@ from dataclasses import asdict, dataclass
 import psutil
 import torch
 
+from preftune.logprobs.attention import QUERY_BLOCK
+
 DEFAULT_BUDGET_FRACTION = 0.5
 _GB = 1e9
 
@@ -58,6 +61,7 @@ class ActivationEstimate:
     row_length: int
     layers: int
     stored_bytes: int  # without checkpointing
+    attention_mask_bytes: int  # the packed attention's block masks, built once and kept by every layer (else 0)
     layer_input_bytes: int  # with checkpointing: what stays saved through the forward (each layer's input)
     checkpointed_bytes: int  # with checkpointing, peak: the layer inputs + one layer recomputed in backward
 
@@ -111,10 +115,11 @@ def estimate_activation_bytes(
     layers = config.num_hidden_layers
     # Outside the layers: RoPE's cos/sin tables and the final norm's input (plus the embeddings' output when trained).
     outside = tokens * (2 * head_dim + (d if lora_rank is not None else 2 * d)) * bytes_per_element
-    shared_mask = rows * row_length**2 * bytes_per_element if packed_attention else 0  # built once, kept by every layer
+    shared_mask = tokens * (row_length + QUERY_BLOCK) * bytes_per_element if packed_attention else 0
     layer_inputs = layers * tokens * d * bytes_per_element + outside
     return ActivationEstimate(
         rows=rows, row_length=row_length, layers=layers, stored_bytes=layers * per_layer + outside + shared_mask,
+        attention_mask_bytes=shared_mask,
         layer_input_bytes=layer_inputs, checkpointed_bytes=layer_inputs + per_layer + shared_mask,
     )
 
