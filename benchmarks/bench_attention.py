@@ -11,6 +11,8 @@ of one forward + backward of
   dense-gqa      the same with `enable_gqa` (k and v unrepeated)
   per-block-B    the same blocks as one autograd sdpa call each (`blockwise_sdpa`, the off-CPU path)
   packed-B       preftune's attention on CPU (`PackedFlashAttentionCPU`) with query blocks of B
+  one-row-64     the same on the batch as the engine runs it: one row, the padding dropped
+                 (`PackedBatch.in_one_row`), blocks of 64
 
 and the fraction of the dense [length, length] work each block size computes.
 """
@@ -66,13 +68,14 @@ def main() -> None:
             Path(workdir) / "run", batch_size=8, max_length=512, steps=args.steps, cache_dir=Path(workdir) / "cache",
             reference_cache=False,
         ))
-        masks = [
-            trainer.layout.collate([trainer.data.train[i] for i in trainer.step_micro_batches(0, step)[0]], pad_id=trainer.pad_id).attention_mask
+        batches = [
+            trainer.layout.collate([trainer.data.train[i] for i in trainer.step_micro_batches(0, step)[0]], pad_id=trainer.pad_id)
             for step in range(args.steps)
         ]
     del trainer
     torch.manual_seed(0)
-    for step, mask in enumerate(masks):
+    for step, batch in enumerate(batches):
+        mask = batch.attention_mask
         rows, _, length, _ = mask.shape
         query = torch.randn(rows, HEADS, length, HEAD_DIM, requires_grad=True)
         key, value = (torch.randn(rows, KV_HEADS, length, HEAD_DIM, requires_grad=True) for _ in range(2))
@@ -93,6 +96,14 @@ def main() -> None:
                 lambda: blockwise_sdpa(query, key, value, mask, ranges, None), args.repeats)
             row[f"packed-{block}"] = _seconds(lambda: packed_sdpa_attention(
                 _Attention(), query, key, value, mask, **{KEY_RANGES_ARGUMENT: ranges})[0], args.repeats)
+        one_row = batch.in_one_row().attention_mask
+        tokens = one_row.shape[-1]
+        one_query = torch.randn(1, HEADS, tokens, HEAD_DIM, requires_grad=True)
+        one_key, one_value = (torch.randn(1, KV_HEADS, tokens, HEAD_DIM, requires_grad=True) for _ in range(2))
+        one_ranges = query_block_key_ranges(one_row, 64)
+        row["one-row-tokens"] = tokens
+        row["one-row-64"] = _seconds(lambda: packed_sdpa_attention(
+            _Attention(), one_query, one_key, one_value, one_row, **{KEY_RANGES_ARGUMENT: one_ranges})[0], args.repeats)
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     print(json.dumps({"load_after": os.getloadavg()[0]}), flush=True)
 

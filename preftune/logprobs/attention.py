@@ -7,19 +7,23 @@ computes all of it. Here each row is cut into blocks of `QUERY_BLOCK` queries; a
 only to the contiguous key range from the first key any of its queries may see to the last
 (`query_block_key_ranges`), with the mask's matching slice. The keys outside that range are all
 masked for the block, so the result is the dense masked attention's, to float rounding; at
-SmolLM2's longest bench batch it computes 38% of the dense work.
+SmolLM2's longest bench batch it computes 32% of the dense work. Because the cost follows what
+the blocks see, not the row's length, the engine runs a whole batch as one row without padding
+(preftune/logprobs/engine.py, `engine_layout`).
 
 On CPU the blocks run as one autograd function, `PackedFlashAttentionCPU`, around PyTorch's CPU
-flash-attention kernels: forward writes each block's output and log-sum-exp into one buffer,
-backward calls the kernel's backward per block and adds each block's key and value gradients
-into one buffer. Autograd through one sdpa call per block would instead give every block its
-own node, whose backward materialises full-size zero gradients for the query, key and value
-it sliced. Each block's slice of the boolean mask becomes the kernel's additive mask once per
-batch, not once per layer and block. Grouped-query
-attention goes to the kernel as is; transformers' sdpa path repeats k and v to every head when
-a mask is given, because CUDA's kernels need that. Elsewhere (CUDA) each block is one
-`scaled_dot_product_attention` call with k and v repeated; the GPU path for packed rows proper
-is FlashAttention's varlen kernels or FlexAttention's block masks (not built here).
+flash-attention kernels (the private aten ops behind `scaled_dot_product_attention`; the tests
+hold the result and its gradients to the public dense path): forward writes each block's output
+and log-sum-exp into one buffer, backward calls the kernel's backward per block and adds each
+block's key and value gradients into one buffer. Autograd through one sdpa call per block would
+instead give every block its own node, whose backward materialises full-size zero gradients for
+the query, key and value it sliced. Each block's slice of the boolean mask becomes the kernel's
+additive mask once per batch, not once per layer and block. Grouped-query attention goes to the
+kernel as is; transformers' sdpa path repeats k and v to every head when a mask is given,
+because CUDA's kernels need that. Elsewhere (CUDA) each block is one
+`scaled_dot_product_attention` call with k and v repeated (`blockwise_sdpa`); the GPU path for
+packed rows proper is FlashAttention's varlen kernels or FlexAttention's block masks (not built
+here).
 
 It is registered with transformers as the attention implementation `PACKED_SDPA` (with sdpa's
 mask function), and is sdpa itself whenever a forward does not pass the ranges (generation, the
@@ -39,7 +43,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 PACKED_SDPA = "preftune_packed_sdpa"
 KEY_RANGES_ARGUMENT = "preftune_key_ranges"
-QUERY_BLOCK = 64  # fastest of 32 / 64 / 128 on SmolLM2's hh-rlhf batches (benchmarks/bench_attention.py)
+QUERY_BLOCK = 64  # fastest of 32 / 64 / 128 on every SmolLM2 hh-rlhf bench batch (benchmarks/results.md, 21:54 run)
 
 _flash_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -49,7 +53,7 @@ _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_bac
 class KeyRanges:
     """Per row, per block of `block` queries: the [start, end) of the keys the block may see (start == end: none).
 
-    One per batch, shared by every layer, which also share the additive form of the batch's mask.
+    One per batch, shared by every layer, which also share each block's additive mask (`block_masks`).
     """
 
     block: int
