@@ -70,22 +70,21 @@ def sequence_logps(
     attention a batch of at most `ONE_ROW_TOKENS` tokens runs as one row, its padding dropped.
     """
     decoder, head = _decoder_and_head(model)
+    batch = engine_layout(model, batch)
+    mask = _attention_mask_for(model, batch.attention_mask)
     answer_hidden = None
     if decoder is not None:
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        packed_attention = _attention_implementation(inner) == PACKED_SDPA
-        batch = engine_layout(model, batch)
-        mask = _attention_mask_for(model, batch.attention_mask)
         # A sharded model registers this computation as a forward of its root (preftune/train/distributed.py).
         forward = getattr(inner, SHARDED_ANSWER_FORWARD, None) or partial(answer_forward, inner)
-        key_ranges = query_block_key_ranges(mask) if packed_attention else None
+        key_ranges = query_block_key_ranges(mask) if _attention_implementation(inner) == PACKED_SDPA else None
         token_logps, answer_hidden = forward(
             batch.input_ids, batch.position_ids, mask, batch.target_index, batch.target_ids, chunk_size=chunk_size,
             key_ranges=key_ranges,
         )
     else:
         outputs = model(
-            input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=_attention_mask_for(model, batch.attention_mask),
+            input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask,
             output_hidden_states=hidden_states,
         )
         answer_logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])[batch.target_index].float()
