@@ -41,7 +41,13 @@ class ModelSettings(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description="storage dtype of the frozen decoder linears (LoRA only; adapters, optimiser, norms, LM head stay fp32); "
-        "auto = bfloat16 with LoRA where the CPU has avx512_bf16/AMX or the GPU supports bf16, else float32",
+        "auto = bfloat16 with LoRA where the CPU has avx512_bf16/AMX or the GPU supports bf16, else float32; "
+        "with load_in_4bit, the dtype the 4-bit layers compute in",
+    )
+    load_in_4bit: bool = Field(
+        False,
+        description="QLoRA: the frozen decoder linears in 4-bit NF4 through bitsandbytes (pip install bitsandbytes), "
+        "computing in model.dtype (auto: bf16 where supported, else fp32); needs model.lora",
     )
     trust_remote_code: bool = False
     allow_pickle: bool = Field(
@@ -58,6 +64,10 @@ class ModelSettings(Section):
             raise ValueError(
                 f"dtype {self.dtype} with lora: null would train {self.dtype} weights with no fp32 master copy; "
                 "use dtype float32 (or auto) for a full fine-tune, with training.mixed_precision: bf16 for bf16 compute"
+            )
+        if self.load_in_4bit and self.lora is None:
+            raise ValueError(
+                "load_in_4bit with lora: null: 4-bit weights cannot be trained; set model.lora to train adapters on the 4-bit base"
             )
         return self
 
@@ -230,6 +240,15 @@ class RunConfig(Section):
     def _prompt_fits(self) -> RunConfig:
         if self.data.max_prompt_length is not None and self.data.max_prompt_length >= self.data.max_length:
             raise ValueError("data.max_prompt_length must be smaller than data.max_length to leave room for answers")
+        return self
+
+    @model_validator(mode="after")
+    def _four_bit_trains_a_causal_lm(self) -> RunConfig:
+        if self.model.load_in_4bit and self.method_spec.model_kind != "causal_lm":
+            raise ValueError(
+                f"model.load_in_4bit: loss_type {self.method.loss_type} trains a {self.method_spec.model_kind}, "
+                "which preftune keeps in fp32; 4-bit weights are for the policy's causal LM"
+            )
         return self
 
 

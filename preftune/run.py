@@ -18,6 +18,7 @@ from preftune.methods import DataShape
 from preftune.model.loading import load_model, load_tokenizer
 from preftune.model.lora import apply_lora, is_lora
 from preftune.model.precision import base_weight_dtypes, resolve_base_dtype, store_frozen_linears
+from preftune.model.quantization import QUANT_TYPE
 from preftune.online.reward_model import build_reward_model
 from preftune.train.run_dir import check_output_dir
 from preftune.train.setup import assemble
@@ -46,12 +47,14 @@ def build_trainer(config: RunConfig, *, console: Console | None = None) -> Train
         model = build_reward_model(settings.name_or_path, tokenizer, dtype=base_dtype, lora=settings.lora, seed=config.training.seed)
     else:
         base_dtype = resolve_base_dtype(settings.dtype, lora=settings.lora is not None, device=state.device)
-        # Loaded in fp32, then only the frozen decoder linears go low: adapters, norms and LM head stay fp32.
+        # Loaded in fp32, then only the frozen decoder linears go low (bf16, or NF4 computing in base_dtype):
+        # adapters, norms and LM head stay fp32.
         model = load_model(
             settings.name_or_path, dtype="float32", trust_remote_code=settings.trust_remote_code,
-            allow_pickle=settings.allow_pickle,
+            allow_pickle=settings.allow_pickle, four_bit_compute_dtype=base_dtype if settings.load_in_4bit else None,
+            device=state.device,
         )
-        store_frozen_linears(model, base_dtype)
+        store_frozen_linears(model, "float32" if settings.load_in_4bit else base_dtype)
         if settings.lora is not None:
             lora = settings.lora
             # The adapter's random init must be the same in every process and every run of this config.
@@ -67,13 +70,15 @@ def build_trainer(config: RunConfig, *, console: Console | None = None) -> Train
     # Recorded in run.json beside the identity (resume compares only the config hash and data fingerprint).
     trainer.identity["precision"] = {
         "model.dtype": settings.dtype, "base_dtype": base_dtype, "parameters_by_dtype": base_weight_dtypes(model),
+        "load_in_4bit": settings.load_in_4bit,
     }
     trainer.identity["memory"] = parts.memory.as_record()
     trainer.identity["distribution"] = parts.distribution.as_record()
     if state.is_main_process:
         console.print(f"memory: {parts.memory.reason}")
         console.print(f"distribution: {parts.distribution.reason}")
-        console.print(f"precision: frozen decoder linears {base_dtype} (model.dtype {settings.dtype}); LoRA, optimiser, LM head float32")
+        stored = f"{QUANT_TYPE} computing in {base_dtype}" if settings.load_in_4bit else base_dtype
+        console.print(f"precision: frozen decoder linears {stored} (model.dtype {settings.dtype}); LoRA, optimiser, LM head float32")
     return trainer
 
 

@@ -270,6 +270,11 @@ def plan_distribution(config: RunConfig, *, processes: int, device: torch.device
             f"training.fsdp: loss_type {method.name} is not supported under FSDP yet (generation and reward-model heads "
             "would need every process to run the same forwards); set training.fsdp: false to train it data-parallel"
         )
+    if config.model.load_in_4bit:
+        raise ConfigError(
+            "training.fsdp with model.load_in_4bit: FSDP2 cannot shard bitsandbytes' 4-bit weights with their "
+            "quantisation state; set training.fsdp: false to train the 4-bit base data-parallel"
+        )
     if config.probes is not None and config.model.lora is None:
         raise ConfigError(
             "training.fsdp with probes and a full fine-tune: the probes would need the sharded frozen reference on one "

@@ -1,0 +1,151 @@
+"""4-bit NF4 base (`model.load_in_4bit`, QLoRA through bitsandbytes): what is quantised, that it computes what its
+dequantised weights compute, that LoRA gradients reach the adapters through it, and that a run trains and exports."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from preftune.config import validate_config
+from preftune.data.collate import collate_pairs
+from preftune.errors import ConfigError, ModelError
+from preftune.logprobs import sequence_logps
+from preftune.losses.dpo import dpo_loss
+from preftune.model import quantization
+from preftune.model.loading import load_model
+from preftune.model.lora import apply_lora
+from preftune.model.quantization import dequantize_into_fp32, four_bit_linears, is_four_bit
+from preftune.model.reference import ReferenceModel
+from preftune.run import build_trainer
+from preftune.train.distributed import plan_distribution
+from tests.support import load_test_tokenizer, tiny_llama, tiny_run_config, tokenized_hh_pairs
+
+bitsandbytes = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install bitsandbytes)")
+
+LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Llama (hidden 64: one NF4 block of 64 weights per input row) saved with the test tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny-model-64")
+    tokenizer = load_test_tokenizer()
+    tiny_llama(len(tokenizer), hidden_size=64).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def batch():
+    tokenizer = load_test_tokenizer()
+    return collate_pairs(tokenized_hh_pairs(tokenizer, read=4), pad_id=tokenizer.pad_token_id)
+
+
+def _lora(model, seed: int = 0):
+    torch.manual_seed(seed)
+    adapted = apply_lora(model, r=4, alpha=8, dropout=0.0, target_modules=LORA["target_modules"])
+    for name, parameter in adapted.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero; random B makes the adapter's path (and its A gradient) nonzero
+            torch.nn.init.normal_(parameter, std=0.1)
+    return adapted
+
+
+def _dpo_gradients(policy, reference: ReferenceModel, batch) -> dict[str, torch.Tensor]:
+    policy.zero_grad(set_to_none=True)
+    reference_logps = reference.logps(batch).sum
+    policy_logps = sequence_logps(policy, batch).sum
+    half = batch.num_examples
+    loss = dpo_loss(policy_logps[:half], policy_logps[half:], reference_logps[:half], reference_logps[half:], beta=0.1).losses.mean()
+    loss.backward()
+    return {name: p.grad.clone() for name, p in policy.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def test_every_decoder_linear_is_nf4_and_the_head_and_embeddings_stay_fp32(model_dir):
+    model = load_model(str(model_dir), four_bit_compute_dtype="bfloat16")
+    layers = four_bit_linears(model)
+    decoder_linears = 2 * 7  # q, k, v, o, gate, up, down per layer, 2 layers
+    assert len(layers) == decoder_linears and all(layer in set(model.model.modules()) for layer in layers)
+    for layer in layers:
+        assert layer.weight.dtype == torch.uint8 and layer.weight.numel() * 2 == layer.in_features * layer.out_features
+        assert layer.weight.quant_state.quant_type == "nf4" and layer.weight.quant_state.nested  # double quantisation
+        assert layer.compute_dtype == torch.bfloat16
+        assert layer.support_avx512bf16_for_cpu is False  # kept in the trainable layout (quantization.py)
+    assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight.dtype == torch.float32
+    assert model.model.embed_tokens.weight.dtype == torch.float32
+    plain = load_model(str(model_dir))
+    assert not is_four_bit(plain) and is_four_bit(model)
+
+
+def test_the_4bit_model_computes_what_its_dequantised_weights_compute(model_dir, batch):
+    """With fp32 compute, each 4-bit matmul is a matmul with the dequantised weight: the log-probs match an fp32
+    model holding those weights; and NF4 is close to, but not, the original weights."""
+    four_bit = load_model(str(model_dir), four_bit_compute_dtype="float32")
+    dequantised = copy.deepcopy(four_bit)
+    dequantize_into_fp32(dequantised)
+    assert not is_four_bit(dequantised)
+    original = load_model(str(model_dir))
+    with torch.no_grad():
+        ours, theirs, full = (sequence_logps(m, batch).sum for m in (four_bit, dequantised, original))
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+    assert not torch.allclose(ours, full, atol=1e-3)  # the weights really are quantised
+    torch.testing.assert_close(ours, full, rtol=0, atol=0.05 * full.abs().max().item())
+
+
+def test_lora_gradients_through_the_4bit_base_equal_the_dequantised_models_and_survive_the_reference_forward(model_dir, batch):
+    """The reference forward (eval mode, no grad) must not change how later training forwards run: bitsandbytes would
+    repack the weights for inference there, and every LoRA gradient behind it would silently vanish."""
+    policy = _lora(load_model(str(model_dir), four_bit_compute_dtype="float32"))
+    base = load_model(str(model_dir), four_bit_compute_dtype="float32")
+    dequantize_into_fp32(base)
+    twin = _lora(base)
+    first = _dpo_gradients(policy, ReferenceModel(policy, chunk_size=64), batch)
+    again = _dpo_gradients(policy, ReferenceModel(policy, chunk_size=64), batch)
+    expected = _dpo_gradients(twin, ReferenceModel(twin, chunk_size=64), batch)
+    assert len(first) == len(expected) == 8 and all(g.abs().sum() > 0 for g in first.values())
+    for name, gradient in expected.items():
+        torch.testing.assert_close(first[name], gradient, rtol=1e-3, atol=1e-6)
+        torch.testing.assert_close(again[name], first[name], rtol=0, atol=0)
+
+
+def test_a_4bit_run_trains_its_adapters_and_exports_an_fp32_merge_of_what_it_trained(tmp_path, model_dir):
+    config = tiny_run_config(
+        tmp_path / "run", model_dir, model={"name_or_path": str(model_dir), "dtype": "float32", "load_in_4bit": True, "lora": LORA},
+        training={"max_steps": 2, "eval_steps": 2},
+    )
+    trainer = build_trainer(config)
+    precision = trainer.identity["precision"]
+    assert precision["load_in_4bit"] is True and precision["parameters_by_dtype"]["uint8"] > 0
+    frozen_before = {n: p.clone() for n, p in trainer.policy.named_parameters() if not p.requires_grad}
+    adapters_before = {n: p.clone() for n, p in trainer.policy.named_parameters() if p.requires_grad}
+    result = trainer.train()
+    assert result.state.global_step == 2
+    assert all(torch.equal(p, frozen_before[n]) for n, p in trainer.policy.named_parameters() if not p.requires_grad)
+    assert all(not torch.equal(p, adapters_before[n]) for n, p in trainer.policy.named_parameters() if "lora_A" in n)
+
+    merged_dir = result.run_dir / "final" / "merged"
+    assert "quantization_config" not in json.loads((merged_dir / "config.json").read_text(encoding="utf-8"))
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, local_files_only=True)
+    assert {p.dtype for p in merged.parameters()} == {torch.float32}
+    batch = collate_pairs(trainer.data.validation[:4], pad_id=trainer.pad_id)
+    trainer.policy.eval()
+    with torch.no_grad():
+        trained, exported = sequence_logps(trainer.policy, batch).sum, sequence_logps(merged, batch).sum
+    torch.testing.assert_close(exported, trained, rtol=0, atol=1e-3)
+
+
+def test_4bit_settings_that_cannot_work_are_refused_with_the_reason(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="load_in_4bit with lora: null"):
+        validate_config({"model": {"load_in_4bit": True, "lora": None}})
+    with pytest.raises(ConfigError, match="load_in_4bit: loss_type reward_model"):
+        validate_config({"model": {"load_in_4bit": True}, "method": {"loss_type": "reward_model"}})
+    config = validate_config({"model": {"load_in_4bit": True}, "training": {"fsdp": True}})
+    with pytest.raises(ConfigError, match="fsdp with model.load_in_4bit"):
+        plan_distribution(config, processes=2, device=torch.device("cpu"))
+    monkeypatch.setattr(quantization.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelError, match="pip install bitsandbytes"):
+        quantization.four_bit_config(torch.bfloat16)
