@@ -36,7 +36,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from bench_dpo_vs_trl import preftune_config  # noqa: E402
-from preftune.logprobs.attention import KEY_RANGES_ARGUMENT, blockwise_sdpa, packed_sdpa_attention, query_block_key_ranges  # noqa: E402
+from preftune.logprobs.attention import PLAN_ARGUMENT, blockwise_sdpa, packed_sdpa_attention, query_block_key_ranges  # noqa: E402
 from preftune.run import build_trainer  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
@@ -95,7 +95,7 @@ def main() -> None:
             row[f"per-block-{block}"] = _seconds(
                 lambda: blockwise_sdpa(query, key, value, mask, ranges, None), args.repeats)
             row[f"packed-{block}"] = _seconds(lambda: packed_sdpa_attention(
-                _Attention(), query, key, value, mask, **{KEY_RANGES_ARGUMENT: ranges})[0], args.repeats)
+                _Attention(), query, key, value, mask, **{PLAN_ARGUMENT: ranges})[0], args.repeats)
         one_row = batch.in_one_row().attention_mask
         tokens = one_row.shape[-1]
         one_query = torch.randn(1, HEADS, tokens, HEAD_DIM, requires_grad=True)
@@ -103,7 +103,7 @@ def main() -> None:
         one_ranges = query_block_key_ranges(one_row, 64)
         row["one-row-tokens"] = tokens
         row["one-row-64"] = _seconds(lambda: packed_sdpa_attention(
-            _Attention(), one_query, one_key, one_value, one_row, **{KEY_RANGES_ARGUMENT: one_ranges})[0], args.repeats)
+            _Attention(), one_query, one_key, one_value, one_row, **{PLAN_ARGUMENT: one_ranges})[0], args.repeats)
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     print(json.dumps({"load_after": os.getloadavg()[0]}), flush=True)
 

@@ -8,9 +8,13 @@ import torch.nn.functional as F
 
 from preftune.data.collate import collate_pairs
 from preftune.logprobs.attention import (
-    KEY_RANGES_ARGUMENT,
+    PLAN_ARGUMENT,
+    KeyRanges,
     PackedFlashAttentionCPU,
     blockwise_sdpa,
+    flex_attention,
+    flex_block_mask,
+    packed_attention_plan,
     packed_sdpa_attention,
     query_block_key_ranges,
 )
@@ -50,7 +54,7 @@ class _Attention(torch.nn.Module):
 
 
 def _cpu_flash_blocks(module, query, key, value, mask, ranges, scaling):
-    return packed_sdpa_attention(module, query, key, value, mask, scaling=scaling, **{KEY_RANGES_ARGUMENT: ranges})[0]
+    return packed_sdpa_attention(module, query, key, value, mask, scaling=scaling, **{PLAN_ARGUMENT: ranges})[0]
 
 
 def _sdpa_per_block(module, query, key, value, mask, ranges, scaling):
@@ -113,3 +117,62 @@ def test_each_block_mask_is_built_once_per_batch_for_all_layers(batch):
         visible = mask[row : row + 1, :, queries, keys]
         assert torch.equal(additive == 0, visible) and torch.isneginf(additive[~visible]).all()
     assert ranges.block_masks(mask, torch.bfloat16)[0].dtype == torch.bfloat16
+
+
+def _dense_reference(query, key, value, mask, scaling):
+    groups = query.shape[1] // key.shape[1]
+    return F.scaled_dot_product_attention(
+        query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1), attn_mask=mask, scale=scaling
+    ).transpose(1, 2)
+
+
+needs_flex = pytest.mark.skipif(flex_attention is None, reason="this torch has no FlexAttention (torch >= 2.5)")
+
+
+@needs_flex
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_the_flex_block_mask_path_computes_dense_masked_attention_in_rows_and_in_one_row(batch):
+    """CUDA's path (its block mask, grouped heads and layout) through FlexAttention's eager reference, in forward
+    only: FlexAttention has no backward on CPU. Rows with padding, then the one-row layout."""
+    heads, kv_heads, dim = 4, 2, 16
+    module = _Attention(heads // kv_heads)
+    for mask in (batch.attention_mask, batch.in_one_row().attention_mask):
+        rows, _, length, _ = mask.shape
+        torch.manual_seed(length)
+        query, key, value = (torch.randn(rows, n, length, dim) for n in (heads, kv_heads, kv_heads))
+        block_mask = flex_block_mask(mask)
+        assert block_mask.shape == (rows, 1, length, length)
+        with torch.no_grad():
+            flex = packed_sdpa_attention(module, query, key, value, mask, scaling=dim**-0.5, **{PLAN_ARGUMENT: block_mask})[0]
+        torch.testing.assert_close(flex, _dense_reference(query, key, value, mask, dim**-0.5), rtol=1e-5, atol=1e-5)
+
+
+@needs_flex
+def test_the_plan_is_a_flex_block_mask_on_cuda_and_the_query_blocks_key_ranges_elsewhere(batch):
+    plan = packed_attention_plan(batch.attention_mask)
+    assert isinstance(plan, KeyRanges) and plan == query_block_key_ranges(batch.attention_mask)
+    if torch.cuda.is_available():
+        cuda_plan = packed_attention_plan(batch.attention_mask.cuda())
+        assert not isinstance(cuda_plan, KeyRanges) and cuda_plan.shape[-1] == batch.attention_mask.shape[-1]
+
+
+@needs_flex
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's backward runs on CUDA only")
+def test_flex_attention_gradients_equal_dense_masked_sdpa_on_cuda(batch):
+    mask = batch.in_one_row().attention_mask.cuda()
+    rows, _, length, _ = mask.shape
+    heads, kv_heads, dim = 4, 2, 16
+    torch.manual_seed(0)
+    inputs = [torch.randn(rows, n, length, dim, device="cuda", requires_grad=True) for n in (heads, kv_heads, kv_heads)]
+    upstream = torch.randn(rows, length, heads, dim, device="cuda")
+    plan = packed_attention_plan(mask)
+    flex = packed_sdpa_attention(_Attention(2), *inputs, mask, scaling=dim**-0.5, **{PLAN_ARGUMENT: plan})[0]
+    (flex * upstream).sum().backward()
+    flex_grads = [t.grad.clone() for t in inputs]
+    for t in inputs:
+        t.grad = None
+    dense = _dense_reference(*inputs, mask, dim**-0.5)
+    (dense * upstream).sum().backward()
+    torch.testing.assert_close(flex, dense, rtol=1e-4, atol=1e-4)
+    for ours, theirs in zip(flex_grads, (t.grad for t in inputs)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)

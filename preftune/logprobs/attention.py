@@ -20,18 +20,25 @@ instead give every block its own node, whose backward materialises full-size zer
 the query, key and value it sliced. Each block's slice of the boolean mask becomes the kernel's
 additive mask once per batch, not once per layer and block. Grouped-query attention goes to the
 kernel as is; transformers' sdpa path repeats k and v to every head when a mask is given,
-because CUDA's kernels need that. Elsewhere (CUDA) each block is one
-`scaled_dot_product_attention` call with k and v repeated (`blockwise_sdpa`); the GPU path for
-packed rows proper is FlashAttention's varlen kernels or FlexAttention's block masks (not built
-here).
+because CUDA's kernels need that.
 
-It is registered with transformers as the attention implementation `PACKED_SDPA` (with sdpa's
-mask function), and is sdpa itself whenever a forward does not pass the ranges (generation, the
-plain full-logits path, any model call outside the engine).
+On CUDA the mask becomes a FlexAttention `BlockMask` once per batch (`flex_block_mask`), and each
+layer runs `flex_attention` compiled once with dynamic shapes (`flex_packed_attention`): its
+kernels skip the mask's empty tiles and apply the rest inside the kernel, forward and backward,
+with grouped-query attention as is. Where FlexAttention is missing (torch < 2.5) or off CUDA and
+CPU (MPS), each block is one `scaled_dot_product_attention` call with k and v repeated
+(`blockwise_sdpa`). FlexAttention has no backward on CPU, so on CPU it is tested in forward only.
+
+What every layer of one batch shares is built once by `packed_attention_plan`: the key ranges of
+each query block (CPU and the fallback), or the block mask (CUDA). It is registered with
+transformers as the attention implementation `PACKED_SDPA` (with sdpa's mask function), and is
+sdpa itself whenever a forward does not pass a plan (generation, the plain full-logits path, any
+model call outside the engine).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -41,8 +48,13 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+try:
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # torch < 2.5
+    BlockMask = flex_attention = create_block_mask = None
+
 PACKED_SDPA = "preftune_packed_sdpa"
-KEY_RANGES_ARGUMENT = "preftune_key_ranges"
+PLAN_ARGUMENT = "preftune_packed_attention_plan"
 QUERY_BLOCK = 64  # fastest of 32 / 64 / 128 on every SmolLM2 hh-rlhf bench batch (benchmarks/results.md, 21:54 run)
 
 _flash_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -134,6 +146,42 @@ class PackedFlashAttentionCPU(torch.autograd.Function):
         return grad_query, grad_key, grad_value, None, None, None
 
 
+def packed_attention_plan(mask: torch.Tensor) -> KeyRanges | BlockMask:
+    """What every layer's packed attention over the boolean `mask` [rows, 1, length, length] shares, built once per batch."""
+    if mask.device.type == "cuda" and flex_attention is not None:
+        return flex_block_mask(mask)
+    return query_block_key_ranges(mask)
+
+
+def flex_block_mask(mask: torch.Tensor) -> BlockMask:
+    """The boolean `mask` [rows, 1, length, length] (True = may attend) as a FlexAttention block mask."""
+    rows, _, length, _ = mask.shape
+    may_attend = mask[:, 0]
+
+    def mask_mod(row, head, query, key):
+        return may_attend[row, query, key]
+
+    return create_block_mask(mask_mod, rows, None, length, length, device=mask.device)
+
+
+@functools.cache
+def _compiled_flex_attention():
+    # Compiled once for every length: a batch's length varies, and a recompile per shape would hit dynamo's limit.
+    return torch.compile(flex_attention, dynamic=True)
+
+
+def flex_packed_attention(query, key, value, block_mask: BlockMask, scaling: float | None) -> torch.Tensor:
+    """q [rows, heads, length, dim], k/v [rows, kv heads, length, dim] → [rows, length, heads, dim] (transformers' layout).
+
+    Compiled on CUDA. Elsewhere FlexAttention's eager reference runs (a forward-only check on CPU:
+    inductor's CPU code for flex attention with dynamic shapes does not compile in torch 2.13).
+    """
+    attend = _compiled_flex_attention() if query.device.type == "cuda" else flex_attention
+    grouped = query.shape[1] != key.shape[1]
+    output = attend(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=grouped)
+    return output.transpose(1, 2).contiguous()
+
+
 def runs_packed_cpu_attention(model: torch.nn.Module, device: torch.device | str) -> bool:
     """True when the engine's forwards of `model` (the plain causal LM) on `device` run `PackedFlashAttentionCPU`."""
     return torch.device(device).type == "cpu" and getattr(model.config, "_attn_implementation", None) == PACKED_SDPA
@@ -150,13 +198,16 @@ def packed_sdpa_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: q [rows, heads, length, dim], k/v [rows, kv heads, length, dim]."""
-    ranges: KeyRanges | None = kwargs.pop(KEY_RANGES_ARGUMENT, None)
+    plan: KeyRanges | BlockMask | None = kwargs.pop(PLAN_ARGUMENT, None)
     usable = (
-        ranges is not None and dropout == 0.0 and attention_mask is not None and attention_mask.dtype == torch.bool
+        plan is not None and dropout == 0.0 and attention_mask is not None and attention_mask.dtype == torch.bool
         and query.shape[2] == key.shape[2] == attention_mask.shape[-1]
     )
     if not usable:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if not isinstance(plan, KeyRanges):
+        return flex_packed_attention(query, key, value, plan, scaling), None
+    ranges = plan
     if query.device.type == "cpu":
         block_masks = ranges.block_masks(attention_mask, query.dtype)
         return PackedFlashAttentionCPU.apply(query, key, value, block_masks, ranges, scaling), None

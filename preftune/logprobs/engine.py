@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from preftune.data.collate import PackedBatch
-from preftune.logprobs.attention import KEY_RANGES_ARGUMENT, PACKED_SDPA, KeyRanges, query_block_key_ranges
+from preftune.logprobs.attention import PACKED_SDPA, PLAN_ARGUMENT, BlockMask, KeyRanges, packed_attention_plan
 from preftune.logprobs.head import chunked_token_logps
 
 # Config attributes of architectures whose logits are not simply `lm_head(final hidden state)`.
@@ -77,10 +77,10 @@ def sequence_logps(
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         # A sharded model registers this computation as a forward of its root (preftune/train/distributed.py).
         forward = getattr(inner, SHARDED_ANSWER_FORWARD, None) or partial(answer_forward, inner)
-        key_ranges = query_block_key_ranges(mask) if _attention_implementation(inner) == PACKED_SDPA else None
+        attention_plan = packed_attention_plan(mask) if _attention_implementation(inner) == PACKED_SDPA else None
         token_logps, answer_hidden = forward(
             batch.input_ids, batch.position_ids, mask, batch.target_index, batch.target_ids, chunk_size=chunk_size,
-            key_ranges=key_ranges,
+            attention_plan=attention_plan,
         )
     else:
         outputs = model(
@@ -119,7 +119,7 @@ def answer_forward(
     target_ids: torch.Tensor,
     *,
     chunk_size: int,
-    key_ranges: KeyRanges | None = None,
+    attention_plan: KeyRanges | BlockMask | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p of each target token [targets], the final hidden state predicting it [targets, hidden]).
 
@@ -128,10 +128,10 @@ def answer_forward(
     a sharded model can register it as a forward of its root module: the root's parameters (the
     embeddings, the final norm, the LM head) are then gathered once around the whole computation
     and the chunk loop issues no collective, whatever each process's number of answer tokens.
-    `key_ranges` reach the attention of a model loaded with `PACKED_SDPA` (preftune/logprobs/attention.py).
+    `attention_plan` reaches the attention of a model loaded with `PACKED_SDPA` (preftune/logprobs/attention.py).
     """
     decoder, head = _decoder_and_head(model)
-    attention = {} if key_ranges is None else {KEY_RANGES_ARGUMENT: key_ranges}
+    attention = {} if attention_plan is None else {PLAN_ARGUMENT: attention_plan}
     outputs = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, **attention)
     hidden = outputs.last_hidden_state
     answer_hidden = hidden.reshape(-1, hidden.shape[-1])[target_index]  # [targets, hidden]
