@@ -95,3 +95,15 @@ def tokenized_hh_pairs(tokenizer, *, read: int, max_length: int = 96, max_prompt
     loaded, _ = load_pairs(resolve_data_path("hh-rlhf-harmless:train"), tokenizer=tokenizer, max_samples=read)
     tokenized, _ = tokenize_pairs(loaded, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
     return tokenized
+
+
+def resident_bytes_of(path: Path) -> int:
+    """Resident bytes of this process's mappings of `path` (Linux /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header line
+            inside = len(fields) == 6 and fields[5] == str(path)
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1]) * 1024
+    return total

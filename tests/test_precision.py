@@ -25,7 +25,7 @@ from preftune.model.precision import (
 )
 from preftune.model.loading import load_model
 from preftune.run import build_trainer
-from tests.support import load_test_tokenizer, save_tiny_model, tiny_llama, tiny_run_config
+from tests.support import load_test_tokenizer, resident_bytes_of, save_tiny_model, tiny_llama, tiny_run_config
 
 LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
 # Tiny random model, 96-token rows: per-sequence log-prob sums of about -200 agree to this (measured 4e-3).
@@ -170,18 +170,6 @@ def test_bf16_and_fp32_bases_never_share_reference_cache_entries(tmp_path, model
     assert open_reference_cache(AutoModelForCausalLM.from_pretrained(model_dir), root=tmp_path).key == key32
 
 
-def _resident_bytes_of(path: Path) -> int:
-    """Resident bytes of this process's mappings of `path` (Linux /proc/self/smaps)."""
-    total, inside = 0, False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        fields = line.split()
-        if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header line
-            inside = len(fields) == 6 and fields[5] == str(path)
-        elif inside and fields[0] == "Rss:":
-            total += int(fields[1]) * 1024
-    return total
-
-
 @pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="reads the process's mappings from Linux's /proc")
 @pytest.mark.parametrize("drop", [True, False], ids=["store_frozen_linears", "plain-conversion"])
 def test_converting_a_mapped_fp32_checkpoint_drops_the_pages_it_read(tmp_path, drop):
@@ -198,7 +186,7 @@ def test_converting_a_mapped_fp32_checkpoint_drops_the_pages_it_read(tmp_path, d
         for module in model.model.layers.modules():
             if type(module) is torch.nn.Linear:
                 module.to(torch.bfloat16)
-    resident = _resident_bytes_of(checkpoint)
+    resident = resident_bytes_of(checkpoint)
     for name, parameter in model.model.layers.named_parameters():
         if name in expected:
             assert torch.equal(parameter, expected[name]), name

@@ -15,6 +15,7 @@ from preftune.config import validate_config
 from preftune.data.collate import collate_pairs
 from preftune.errors import ConfigError, ModelError
 from preftune.logprobs import sequence_logps
+from preftune.logprobs.cache import open_reference_cache
 from preftune.losses.dpo import dpo_loss
 from preftune.model import quantization
 from preftune.model.loading import load_model
@@ -23,7 +24,7 @@ from preftune.model.quantization import dequantize_into_fp32, four_bit_linears, 
 from preftune.model.reference import ReferenceModel
 from preftune.run import build_trainer
 from preftune.train.distributed import plan_distribution
-from tests.support import load_test_tokenizer, tiny_llama, tiny_run_config, tokenized_hh_pairs
+from tests.support import load_test_tokenizer, resident_bytes_of, tiny_llama, tiny_run_config, tokenized_hh_pairs
 
 bitsandbytes = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install bitsandbytes)")
 
@@ -79,6 +80,18 @@ def test_every_decoder_linear_is_nf4_and_the_head_and_embeddings_stay_fp32(model
     assert model.model.embed_tokens.weight.dtype == torch.float32
     plain = load_model(str(model_dir))
     assert not is_four_bit(plain) and is_four_bit(model)
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="reads the process's mappings from Linux's /proc")
+def test_quantising_drops_the_checkpoint_pages_it_read_and_keeps_the_rest_in_fp32(tmp_path):
+    tokenizer = load_test_tokenizer()
+    tiny_llama(len(tokenizer), hidden_size=512, layers=2).save_pretrained(tmp_path)  # ~19 MB of fp32 linears
+    checkpoint = (tmp_path / "model.safetensors").resolve()
+    model = load_model(str(tmp_path), four_bit_compute_dtype="bfloat16")
+    linear_bytes = sum(layer.in_features * layer.out_features * 4 for layer in four_bit_linears(model))
+    assert resident_bytes_of(checkpoint) <= checkpoint.stat().st_size - 0.95 * linear_bytes
+    assert {p.dtype for n, p in model.named_parameters() if "embed" in n or "norm" in n} == {torch.float32}
+    assert model.model.embed_tokens.weight.abs().sum() > 0  # what stays fp32 still reads through the mapping
 
 
 def test_the_4bit_model_computes_what_its_dequantised_weights_compute(model_dir, batch):
@@ -138,6 +151,15 @@ def test_a_4bit_run_trains_its_adapters_and_exports_an_fp32_merge_of_what_it_tra
     torch.testing.assert_close(exported, trained, rtol=0, atol=1e-3)
 
 
+def test_4bit_bases_computing_in_other_dtypes_never_share_reference_cache_entries(tmp_path, model_dir):
+    keys = {
+        dtype: open_reference_cache(_lora(load_model(str(model_dir), four_bit_compute_dtype=dtype)), root=tmp_path).key
+        for dtype in ("float32", "bfloat16")
+    }
+    plain = open_reference_cache(_lora(load_model(str(model_dir))), root=tmp_path).key
+    assert len({*keys.values(), plain}) == 3
+
+
 def test_4bit_settings_that_cannot_work_are_refused_with_the_reason(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="load_in_4bit with lora: null"):
         validate_config({"model": {"load_in_4bit": True, "lora": None}})
@@ -148,4 +170,4 @@ def test_4bit_settings_that_cannot_work_are_refused_with_the_reason(tmp_path, mo
         plan_distribution(config, processes=2, device=torch.device("cpu"))
     monkeypatch.setattr(quantization.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelError, match="pip install bitsandbytes"):
-        quantization.four_bit_config(torch.bfloat16)
+        load_model(str(tmp_path / "never-read"), four_bit_compute_dtype="bfloat16")

@@ -211,6 +211,10 @@ def open_reference_cache(
         # A bf16-stored base computes other numbers than its fp32 original; the weight hash sees it too, this names it.
         "frozen_weight_dtypes": sorted({str(tensor.dtype) for _, tensor in _frozen_weights(model)}),
     }
+    # Layers that store one dtype and compute in another (bitsandbytes' 4-bit linears) name the one they compute in.
+    compute_dtypes = sorted({str(m.compute_dtype) for m in inner.modules() if getattr(m, "compute_dtype", None) is not None})
+    if compute_dtypes:
+        settings["compute_dtypes"] = compute_dtypes
     description = {
         "format": CACHE_FORMAT,
         "model": getattr(getattr(inner, "config", None), "_name_or_path", type(inner).__name__),

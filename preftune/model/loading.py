@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from preftune.atomic import atomic_directory
 from preftune.errors import ModelError
 from preftune.logprobs.attention import PACKED_SDPA
-from preftune.model.quantization import four_bit_config, keep_four_bit_trainable_on_cpu
+from preftune.model.quantization import cast_unquantized, quantize_frozen_linears, require_bitsandbytes
 from preftune.settings import cache_root
 
 logger = logging.getLogger(__name__)
@@ -132,32 +132,29 @@ def load_model(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     four_bit_compute_dtype: str | None = None,
-    device: torch.device | str | None = None,
+    device: torch.device | str = "cpu",
 ) -> PreTrainedModel:
     """Load a causal LM from safetensors (pickle weights only with `allow_pickle`, see `check_weights_format`).
 
-    `four_bit_compute_dtype` loads the decoder's linears as NF4 computing in that dtype
-    (preftune/model/quantization.py), quantised on `device` as the checkpoint loads, so a GPU
-    never holds the full-precision weights; everything else is loaded in `dtype`.
+    `four_bit_compute_dtype` makes the decoder's linears NF4 computing in that dtype, quantised
+    onto `device` from the checkpoint as stored (preftune/model/quantization.py); the rest of the
+    model is then cast to `dtype`. The full-precision model is never materialised.
     """
     if dtype not in DTYPES:
         raise ModelError(f"dtype '{dtype}' is not one of {sorted(DTYPES)}")
+    if four_bit_compute_dtype is not None:
+        require_bitsandbytes()
     path = resolve_model_path(name_or_path)
     pickled = check_weights_format(path, allow_pickle=allow_pickle)
-    quantization = {}
-    if four_bit_compute_dtype is not None:
-        quantization["quantization_config"] = four_bit_config(DTYPES[four_bit_compute_dtype])
-        if device is not None and torch.device(device).type != "cpu":
-            quantization["device_map"] = {"": torch.device(device)}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
-            dtype=DTYPES[dtype],
+            # 4-bit: the stored dtype, so the parameters stay views of the checkpoint until each is quantised.
+            dtype="auto" if four_bit_compute_dtype is not None else DTYPES[dtype],
             local_files_only=True,
             trust_remote_code=trust_remote_code,
             attn_implementation=PACKED_SDPA,
             use_safetensors=None if pickled else True,
-            **quantization,
         )
     except OSError as error:
         raise ModelError(f"cannot load a causal LM from {path}: {error}") from error
@@ -168,5 +165,6 @@ def load_model(
         raise friendly from None
     model.config.use_cache = False
     if four_bit_compute_dtype is not None:
-        keep_four_bit_trainable_on_cpu(model)
+        quantize_frozen_linears(model, DTYPES[four_bit_compute_dtype], device)
+        cast_unquantized(model, DTYPES[dtype])
     return model

@@ -23,9 +23,6 @@ AdamW lose every update smaller than a bf16 ulp: it stays fp32 (see `resolve_bas
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import mmap
 import types
 from pathlib import Path
 
@@ -33,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from preftune.errors import ConfigError
+from preftune.model.mapped_pages import checkpoint_mappings, drop_mapped_pages
 
 LOW_PRECISION = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # native bf16 dot products; avx512 alone only emulates them
@@ -84,14 +82,14 @@ def store_frozen_linears(model: torch.nn.Module, dtype: str) -> int:
     transformers maps a safetensors checkpoint into memory and its fp32 parameters are views of the
     mapping: converting a layer reads its pages, which would then stay resident (and counted in
     the process's RSS) for as long as any parameter keeps the mapping alive. Each converted layer's
-    fp32 pages are dropped as soon as its low-precision copy exists (`_drop_mapped_pages`), so the
+    fp32 pages are dropped as soon as its low-precision copy exists (preftune/model/mapped_pages.py), so the
     conversion peaks at the low-precision model plus one layer, not the fp32 file plus the copies.
     """
     if dtype == "float32":
         return 0
     low = LOW_PRECISION[dtype]
     decoder = model.get_decoder()
-    mapped = _private_checkpoint_mappings()
+    mapped = checkpoint_mappings()
     converted = 0
     for module in decoder.modules():
         if type(module) is torch.nn.Linear:
@@ -99,7 +97,7 @@ def store_frozen_linears(model: torch.nn.Module, dtype: str) -> int:
             originals = [parameter.data for parameter in module.parameters()]  # keep the mapping alive until dropped
             module.to(low)
             for original in originals:
-                _drop_mapped_pages(original, mapped)
+                drop_mapped_pages(original, mapped)
             del originals
             module.forward = types.MethodType(_low_precision_linear_forward, module)
             converted += 1
@@ -107,49 +105,6 @@ def store_frozen_linears(model: torch.nn.Module, dtype: str) -> int:
         if _is_silu_gated_mlp(module):
             module.forward = types.MethodType(_low_precision_gated_mlp_forward, module)
     return converted
-
-
-_MADV_DONTNEED = 4  # Linux: a private file mapping's pages are dropped and would be read from the file again
-
-
-def _private_checkpoint_mappings(maps: Path = Path("/proc/self/maps")) -> list[tuple[int, int]]:
-    """[start, end) of this process's private mappings of safetensors files (empty where /proc is absent)."""
-    try:
-        lines = maps.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return []
-    ranges = []
-    for line in lines:
-        fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[1].endswith("p") and fields[5].endswith(".safetensors"):
-            start, end = (int(address, 16) for address in fields[0].split("-"))
-            ranges.append((start, end))
-    return ranges
-
-
-def _drop_mapped_pages(tensor: torch.Tensor, mapped: list[tuple[int, int]]) -> bool:
-    """madvise(DONTNEED) the whole pages of `tensor` when it lies in a private checkpoint mapping; True if it did.
-
-    Only for tensors nothing will read again (the caller has replaced them) and only inside a file
-    mapping: there dropping a page loses nothing, where on anonymous memory it would zero live data.
-    """
-    if tensor.device.type != "cpu" or not tensor.is_contiguous():
-        return False
-    start = tensor.data_ptr()
-    end = start + tensor.nbytes
-    if not any(low <= start and end <= high for low, high in mapped):
-        return False
-    page = mmap.PAGESIZE
-    first, last = -(-start // page) * page, end // page * page  # whole pages only: the edges may hold a neighbour
-    return last > first and _madvise()(first, last - first, _MADV_DONTNEED) == 0
-
-
-@functools.cache
-def _madvise():
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    libc.madvise.restype = ctypes.c_int
-    return libc.madvise
 
 
 def _low_precision_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
