@@ -16,6 +16,8 @@ Runs, each in a fresh process (so peak RSS is its own):
                   checkpointing, float32 (padding_free is disabled inside TRL 1.16, so it is not used)
   preftune        reference computed every step (the reference cache starts empty and fills)
   preftune-cached the same job again: reference log-probs come from the on-disk cache
+  preftune-checkpointed  reference every step, gradient_checkpointing: true
+  preftune-4bit   reference every step, model.load_in_4bit: true (NF4 base through bitsandbytes, QLoRA)
 
 Steady-state pairs/s excludes the first step. Results are appended to benchmarks/results.md.
 TRL is a benchmark-only extra (`pip install -e '.[bench]'`), never a preftune dependency.
@@ -46,7 +48,7 @@ MODEL_SHAPES = {
     "360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5),
     "1.7b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=32),
 }
-RUNS = ("trl-default", "trl-fastest", "preftune", "preftune-cached", "preftune-checkpointed")
+RUNS = ("trl-default", "trl-fastest", "preftune", "preftune-cached", "preftune-checkpointed", "preftune-4bit")
 LEARNING_RATE = 5e-5
 BETA = 0.1
 SEED = 42
@@ -57,14 +59,14 @@ PEAK_SHAPE = "[2048, 576] @ [576, 1536], SmolLM2-135M's MLP shape"
 # ---- the job, shared by both trainers -------------------------------------------------------
 def preftune_config(
     output_dir: Path, *, batch_size: int, max_length: int, steps: int, cache_dir: Path, reference_cache: bool,
-    gradient_checkpointing: bool | str = "auto", model: str = MODEL,
+    gradient_checkpointing: bool | str = "auto", model: str = MODEL, load_in_4bit: bool = False,
 ):
     from preftune.config import validate_config
 
     return validate_config(
         {
             "output_dir": str(output_dir),
-            "model": {"name_or_path": model, "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}},
+            "model": {"name_or_path": model, "load_in_4bit": load_in_4bit, "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}},
             # Validation is not run by the benchmark; one pair keeps its loading cheap.
             "data": {"train_file": "hh-rlhf-harmless:train", "max_validation_samples": 1, "max_length": max_length},
             "method": {"loss_type": "sigmoid", "beta": BETA},
@@ -91,6 +93,7 @@ def run_preftune(args) -> dict:
         Path(args.workdir) / "preftune", batch_size=args.batch_size, max_length=args.max_length, steps=args.steps,
         cache_dir=Path(args.cache_dir), reference_cache=True,
         gradient_checkpointing=True if args.checkpointing == "on" else "auto", model=args.model,
+        load_in_4bit=args.four_bit,
     )
     trainer = build_trainer(config)
     model_config = trainer.policy.get_base_model().config
@@ -116,7 +119,7 @@ def run_preftune(args) -> dict:
         "step_seconds": step_seconds,
         "losses": losses,
         "step_flops": step_flops,
-        "compute_dtype": trainer.identity["precision"]["base_dtype"],
+        "compute_dtype": trainer.identity["precision"]["base_dtype"] + (" (nf4 weights)" if args.four_bit else ""),
         "gradient_checkpointing": checkpointing,
         "memory": trainer.identity["memory"],
         "reference_cache_hits": trainer.reference_cache.hits,
@@ -240,13 +243,14 @@ def worker(args) -> None:
 # ---- the driver -----------------------------------------------------------------------------
 def launch(
     name: str, worker_kind: str, *, batch_size: int, max_length: int, steps: int, cache_dir: Path, model: str,
-    model_shape: str, checkpointing: str = "auto",
+    model_shape: str, checkpointing: str = "auto", four_bit: bool = False,
 ) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as workdir:
         command = [
             __file__, "--worker", worker_kind, "--batch-size", str(batch_size), "--max-length",
             str(max_length), "--steps", str(steps), "--cache-dir", str(cache_dir), "--workdir", workdir,
             "--checkpointing", checkpointing, "--model", model, "--model-shape", model_shape,
+            *(["--four-bit"] if four_bit else []),
         ]
         print(f"[{time.strftime('%H:%M:%S')}] {name}: batch {batch_size}, max length {max_length}, {steps} steps", flush=True)
         result = run_worker(name, command)
@@ -398,6 +402,7 @@ def main() -> None:
     parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", choices=["auto", "on"], default="auto", help=argparse.SUPPRESS)
     parser.add_argument("--model", default=MODEL, help=argparse.SUPPRESS)
+    parser.add_argument("--four-bit", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model-shape", choices=sorted(MODEL_SHAPES), default="135m",
                         help="SmolLM2 size: 135m (the real embedded weights) or a random-initialised 360m / 1.7b")
     parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS), help="which rows to run (default: all)")
@@ -428,6 +433,9 @@ def main() -> None:
             main_runs.append(launch(
                 "preftune-checkpointed", "preftune", **shape, steps=args.steps, cache_dir=Path(cache_dir), checkpointing="on",
             ))
+    if "preftune-4bit" in args.runs:
+        with tempfile.TemporaryDirectory(prefix="bench-reference-cache-") as cache_dir:
+            main_runs.append(launch("preftune-4bit", "preftune", **shape, steps=args.steps, cache_dir=Path(cache_dir), four_bit=True))
     scaling = []
     if not args.no_scaling:
         # The main shape is already measured above; the grid adds the others.
