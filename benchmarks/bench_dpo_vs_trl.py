@@ -14,6 +14,9 @@ Runs, each in a fresh process (so peak RSS is its own):
   trl-default     DPOTrainer with its defaults (reference every step, gradient checkpointing, bf16 autocast)
   trl-fastest     the fastest TRL settings that work here: precompute_ref_log_probs, no gradient
                   checkpointing, float32 (padding_free is disabled inside TRL 1.16, so it is not used)
+  trl-liger       TRL's defaults with use_liger_kernel (Liger-Kernel's RMSNorm, RoPE and SwiGLU; TRL 1.16
+                  keeps its own fused LM head). CUDA only (Triton), so not among the default runs on CPU;
+                  needs `pip install liger-kernel`. Not yet run: no GPU has been lent to this project
   preftune        reference computed every step (the reference cache starts empty and fills)
   preftune-cached the same job again: reference log-probs come from the on-disk cache
   preftune-checkpointed  reference every step, gradient_checkpointing: true
@@ -26,6 +29,7 @@ TRL is a benchmark-only extra (`pip install -e '.[bench]'`), never a preftune de
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -48,7 +52,8 @@ MODEL_SHAPES = {
     "360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5),
     "1.7b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=32),
 }
-RUNS = ("trl-default", "trl-fastest", "preftune", "preftune-cached", "preftune-checkpointed", "preftune-4bit")
+RUNS = ("trl-default", "trl-fastest", "trl-liger", "preftune", "preftune-cached", "preftune-checkpointed", "preftune-4bit")
+CUDA_ONLY_RUNS = ("trl-liger",)
 LEARNING_RATE = 5e-5
 BETA = 0.1
 SEED = 42
@@ -127,7 +132,7 @@ def run_preftune(args) -> dict:
     }
 
 
-def run_trl(args, *, fastest: bool) -> dict:
+def run_trl(args, *, fastest: bool, liger: bool = False) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -200,6 +205,10 @@ def run_trl(args, *, fastest: bool) -> dict:
     )
     if fastest:
         settings.update(precompute_ref_log_probs=True, gradient_checkpointing=False, bf16=False)
+    if liger:
+        if importlib.util.find_spec("liger_kernel") is None or not torch.cuda.is_available():
+            raise SystemExit("trl-liger needs CUDA and the liger-kernel package (pip install liger-kernel)")
+        settings.update(use_liger_kernel=True)
     timer = StepTimer()
     trainer = SameTokensDPOTrainer(
         model=model,
@@ -236,7 +245,7 @@ def worker(args) -> None:
     if args.worker == "preftune":
         result = run_preftune(args)
     else:
-        result = run_trl(args, fastest=args.worker == "trl-fastest")
+        result = run_trl(args, fastest=args.worker == "trl-fastest", liger=args.worker == "trl-liger")
     emit_result(result, args.started)
 
 
@@ -364,6 +373,10 @@ def report(main_runs: list[dict], scaling: list[dict], details: dict, args, load
         "",
         *(f"- {r['name']}: {', '.join(f'{x:.6f}' for x in r['losses'])}" for r in main_runs),
     ]
+    on_gpu = [r for r in main_runs if "peak_gpu_gb" in r]
+    if on_gpu:
+        lines += ["", "Peak GPU memory (torch.cuda.max_memory_allocated): " + ", ".join(
+            f"{r['name']} {r['peak_gpu_gb']:.2f} GB" for r in on_gpu) + "."]
     if default and "preftune" in by_name:
         first_gap = abs(by_name["preftune"]["losses"][0] - default["losses"][0])
         lines += ["", f"First loss, preftune vs TRL-default: |Δ| = {first_gap:.2e}."]
@@ -398,33 +411,36 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--results", type=Path, default=HERE / "results.md")
-    parser.add_argument("--worker", choices=["preftune", "trl-default", "trl-fastest"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["preftune", "trl-default", "trl-fastest", "trl-liger"], help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", choices=["auto", "on"], default="auto", help=argparse.SUPPRESS)
     parser.add_argument("--model", default=MODEL, help=argparse.SUPPRESS)
     parser.add_argument("--four-bit", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model-shape", choices=sorted(MODEL_SHAPES), default="135m",
                         help="SmolLM2 size: 135m (the real embedded weights) or a random-initialised 360m / 1.7b")
-    parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS), help="which rows to run (default: all)")
+    parser.add_argument("--runs", nargs="+", choices=RUNS, help="which rows to run (default: all; trl-liger only on CUDA)")
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
         return
+    if args.runs is None:
+        args.runs = [name for name in RUNS if torch.cuda.is_available() or name not in CUDA_ONLY_RUNS]
     if args.steps < 2 or args.scaling_steps < 2:
         parser.error("--steps and --scaling-steps need at least 2 (the first step is excluded)")
 
     details = machine_details()
     # The peaks MFU divides by, measured here in the same run (before the workers, so nothing of ours competes).
-    details["matmul_gflops_fp32"] = flops.matmul_peak(torch.float32) / 1e9
-    details["matmul_gflops_bf16"] = flops.matmul_peak(torch.bfloat16) / 1e9
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    details["matmul_gflops_fp32"] = flops.matmul_peak(torch.float32, device=device) / 1e9
+    details["matmul_gflops_bf16"] = flops.matmul_peak(torch.bfloat16, device=device) / 1e9
     load_before = os.getloadavg()[0]
     model_folder = tempfile.TemporaryDirectory(prefix="bench-model-")
     model = shaped_model(args.model_shape, Path(model_folder.name))
     shape = dict(batch_size=args.batch_size, max_length=args.max_length, model=model, model_shape=args.model_shape)
     main_runs = []
     with tempfile.TemporaryDirectory(prefix="bench-reference-cache-") as cache_dir:
-        for name in RUNS[:4]:  # preftune-cached reads the cache that the preftune run before it filled
+        for name in RUNS[:5]:  # preftune-cached reads the cache that the preftune run before it filled
             if name in args.runs:
                 kind = "preftune" if name.startswith("preftune") else name
                 main_runs.append(launch(name, kind, **shape, steps=args.steps, cache_dir=Path(cache_dir)))

@@ -94,15 +94,20 @@ def step_flops(
     return parts
 
 
-def matmul_peak(dtype: torch.dtype, *, m: int = 2048, k: int = 576, n: int = 1536, seconds: float = 2.0) -> float:
-    """FLOP/s of a [m, k] @ [k, n] matmul in `dtype` on this machine (best of repeated timed batches)."""
-    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+def matmul_peak(
+    dtype: torch.dtype, *, device: str = "cpu", m: int = 2048, k: int = 576, n: int = 1536, seconds: float = 2.0
+) -> float:
+    """FLOP/s of a [m, k] @ [k, n] matmul in `dtype` on `device` (best of repeated timed batches)."""
+    a, b = torch.randn(m, k, device=device).to(dtype), torch.randn(k, n, device=device).to(dtype)
+    synchronize = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     for _ in range(3):
         a @ b
+    synchronize()
     best, deadline = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         started = time.perf_counter()
         for _ in range(10):
             a @ b
+        synchronize()
         best = max(best, 10 * 2.0 * m * k * n / (time.perf_counter() - started))
     return best

@@ -34,6 +34,9 @@ def peak_rss_gb() -> float:
 def emit_result(result: dict, started: float) -> None:
     """Worker side: add the process's peak RSS and wall time, print the result line."""
     result["peak_rss_gb"] = peak_rss_gb()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
     result["wall_seconds"] = time.perf_counter() - started
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
