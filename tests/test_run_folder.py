@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import signal
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -187,3 +190,18 @@ def test_report_rebuilds_the_summary_from_the_folder_alone(tmp_path, model_dir, 
     assert "## CPO constraint (constrained DPO)" in written
     assert main(["report", str(tmp_path / "nothing-here")]) == 2
     assert "not a preftune run folder" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads Linux's /proc")
+def test_the_recorded_peak_rss_is_the_runs_own_not_its_launchers(tmp_path):
+    """run.json's peak_rss_gb: a process started by a large parent reports its own peak, not the parent's
+    (getrusage's ru_maxrss would carry the parent's high-water mark across fork and exec)."""
+    ballast = bytearray(1 << 30)  # 1 GiB the parent really holds: every page written
+    for offset in range(0, len(ballast), 4096):
+        ballast[offset] = 1
+    parent_rss = next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmRSS:"))
+    probe = "from preftune.train.trainer import _peak_rss_gb; print(_peak_rss_gb())"
+    own = float(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout)
+    del ballast
+    assert parent_rss / (1 << 20) > 1.0
+    assert 0.0 < own < parent_rss / (1 << 20) - 0.5  # importing preftune and torch: a few hundred MB, not the parent's GB

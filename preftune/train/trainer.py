@@ -651,6 +651,16 @@ class Trainer:
 
 
 def _peak_rss_gb() -> float:
-    """This process's peak resident memory (Linux reports KiB, macOS bytes)."""
+    """This process's peak resident memory: Linux's VmHWM where /proc has it, else getrusage (macOS reports bytes).
+
+    Not `ru_maxrss` on Linux: it carries a forked parent's high-water mark across exec into the child,
+    so a run started from a large Python process would report that process's memory.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / (1 << 20)  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1 << 30) if sys.platform == "darwin" else peak / (1 << 20)
