@@ -143,6 +143,8 @@ def run_trl(args, *, fastest: bool, liger: bool = False) -> dict:
     from preftune.model.loading import load_model, load_tokenizer
     from preftune.run import build_trainer
 
+    if liger and (importlib.util.find_spec("liger_kernel") is None or not torch.cuda.is_available()):
+        raise SystemExit("trl-liger needs CUDA and the liger-kernel package (pip install liger-kernel)")
     # The same pairs in the same order as preftune's run: take them from a preftune trainer's data order.
     config = preftune_config(
         Path(args.workdir) / "order", batch_size=args.batch_size, max_length=args.max_length, steps=args.steps,
@@ -206,8 +208,6 @@ def run_trl(args, *, fastest: bool, liger: bool = False) -> dict:
     if fastest:
         settings.update(precompute_ref_log_probs=True, gradient_checkpointing=False, bf16=False)
     if liger:
-        if importlib.util.find_spec("liger_kernel") is None or not torch.cuda.is_available():
-            raise SystemExit("trl-liger needs CUDA and the liger-kernel package (pip install liger-kernel)")
         settings.update(use_liger_kernel=True)
     timer = StepTimer()
     trainer = SameTokensDPOTrainer(

@@ -6,33 +6,17 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 RESULT_PREFIX = "BENCH-RESULT "
 
 
-def peak_rss_gb() -> float:
-    """This process's peak RSS since it exec'd: /proc's VmHWM, the high-water mark of its own address space.
-
-    Not getrusage's ru_maxrss: Linux carries the forked child's high-water mark across exec into it,
-    so every worker's ru_maxrss was at least the driver's RSS at the fork (7.11 GB for both preftune
-    rows once the driver had built SmolLM2-1.7B's random-initialised shape).
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024**2  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB; macOS bytes, not used here
-
-
 def emit_result(result: dict, started: float) -> None:
     """Worker side: add the process's peak RSS and wall time, print the result line."""
+    from preftune.train.trainer import peak_rss_gb  # VmHWM: ru_maxrss would include the driver's memory at the fork
+
     result["peak_rss_gb"] = peak_rss_gb()
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():

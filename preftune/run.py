@@ -54,7 +54,8 @@ def build_trainer(config: RunConfig, *, console: Console | None = None) -> Train
             allow_pickle=settings.allow_pickle, four_bit_compute_dtype=base_dtype if settings.load_in_4bit else None,
             device=state.device,
         )
-        store_frozen_linears(model, "float32" if settings.load_in_4bit else base_dtype)
+        if not settings.load_in_4bit:  # 4-bit layers are already stored low
+            store_frozen_linears(model, base_dtype)
         if settings.lora is not None:
             lora = settings.lora
             # The adapter's random init must be the same in every process and every run of this config.

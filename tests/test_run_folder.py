@@ -200,7 +200,7 @@ def test_the_recorded_peak_rss_is_the_runs_own_not_its_launchers(tmp_path):
     for offset in range(0, len(ballast), 4096):
         ballast[offset] = 1
     parent_rss = next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmRSS:"))
-    probe = "from preftune.train.trainer import _peak_rss_gb; print(_peak_rss_gb())"
+    probe = "from preftune.train.trainer import peak_rss_gb; print(peak_rss_gb())"
     own = float(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout)
     del ballast
     assert parent_rss / (1 << 20) > 1.0

@@ -479,7 +479,7 @@ class Trainer:
                     self.export()
                     run_folder.update_identity(
                         self.run_dir, status="finished", steps=self.state.global_step,
-                        train_seconds=round(train_seconds, 3), peak_rss_gb=round(_peak_rss_gb(), 3),
+                        train_seconds=round(train_seconds, 3), peak_rss_gb=round(peak_rss_gb(), 3),
                     )
         except TrainingDiverged as error:
             raise TrainingDiverged(f"{error} {self._last_good_checkpoint()}") from None
@@ -650,7 +650,7 @@ class Trainer:
             controller.export(final)
 
 
-def _peak_rss_gb() -> float:
+def peak_rss_gb() -> float:
     """This process's peak resident memory: Linux's VmHWM where /proc has it, else getrusage (macOS reports bytes).
 
     Not `ru_maxrss` on Linux: it carries a forked parent's high-water mark across exec into the child,
