@@ -356,7 +356,7 @@ def fmt_row(result: dict, baseline: dict | None, fastest: dict | None, details: 
         f"| {result['name']} | {result['pairs_per_second']:.3f} | {result['seconds_per_step']:.1f} | "
         f"{result['peak_rss_gb']:.2f} | {losses[0]:.6f} | {losses[-1]:.6f} | {ratio(baseline)} | {ratio(fastest)} | {rss_ratio} | "
         f"{result['compute_dtype']} | {'on' if result['gradient_checkpointing'] else 'off'} | {result['gflop_per_step']:.0f} | "
-        f"{result['achieved_gflops']:.1f} | {mfu(result, details)} | {cpu_label(details)} |"
+        f"{result['achieved_gflops']:.1f} | {mfu(result, details)} | {result.get('allocator', '?')} | {cpu_label(details)} |"
     )
 
 
@@ -380,8 +380,8 @@ def report(main_runs: list[dict], scaling: list[dict], details: dict, args, load
         "in the step, the LM head where each trainer computes it) ÷ step time ÷ the peak of the run's matmul dtype.",
         "",
         "| run | pairs/s | s/step | peak RSS GB | first loss | last loss | pairs/s ÷ TRL-default | pairs/s ÷ TRL-fastest | RSS ÷ TRL-default "
-        "| matmul dtype | checkpointing | GFLOP/step | GFLOP/s | MFU | CPU |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| matmul dtype | checkpointing | GFLOP/step | GFLOP/s | MFU | malloc | CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *(fmt_row(r, default, fastest, details) for r in main_runs),
         "",
         "Losses per step:",
@@ -401,8 +401,8 @@ def report(main_runs: list[dict], scaling: list[dict], details: dict, args, load
             f"Scaling ({args.scaling_steps} steps each, first excluded, except batch {args.batch_size} / max length "
             f"{args.max_length}: the main runs above; reference computed every step in both):",
             "",
-            "| run | batch | max length | pairs/s | s/step | peak RSS GB | preftune ÷ TRL pairs/s | preftune ÷ TRL RSS | MFU | CPU |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| run | batch | max length | pairs/s | s/step | peak RSS GB | preftune ÷ TRL pairs/s | preftune ÷ TRL RSS | MFU | malloc | CPU |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         trl_by_shape = {(r["batch_size"], r["max_length"]): r for r in scaling if r["name"] == "trl-default"}
         for r in scaling:
@@ -411,7 +411,8 @@ def report(main_runs: list[dict], scaling: list[dict], details: dict, args, load
             rss = f"{r['peak_rss_gb'] / other['peak_rss_gb']:.2f}×" if other else "–"
             lines.append(
                 f"| {r['name']} | {r['batch_size']} | {r['max_length']} | {r['pairs_per_second']:.3f} | "
-                f"{r['seconds_per_step']:.1f} | {r['peak_rss_gb']:.2f} | {speed} | {rss} | {mfu(r, details)} | {cpu_label(details)} |"
+                f"{r['seconds_per_step']:.1f} | {r['peak_rss_gb']:.2f} | {speed} | {rss} | {mfu(r, details)} | "
+                f"{r.get('allocator', '?')} | {cpu_label(details)} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -437,6 +438,10 @@ def main() -> None:
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
+        if args.worker == "preftune":
+            from preftune.allocator import exec_with_fast_allocator
+
+            exec_with_fast_allocator()  # as the `preftune` command does; TRL's rows keep the malloc they were started on
         worker(args)
         return
     import torch

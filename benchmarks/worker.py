@@ -15,9 +15,11 @@ RESULT_PREFIX = "BENCH-RESULT "
 
 def emit_result(result: dict, started: float) -> None:
     """Worker side: add the process's peak RSS and wall time, print the result line."""
+    from preftune.allocator import allocator_in_use
     from preftune.train.trainer import peak_rss_gb  # VmHWM: ru_maxrss would include the driver's memory at the fork
 
     result["peak_rss_gb"] = peak_rss_gb()
+    result["allocator"] = allocator_in_use()
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
         result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9

@@ -12,6 +12,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
+from preftune.allocator import exec_with_fast_allocator
 from preftune.errors import ConfigError, PreftuneError, TrainingInterrupted
 
 DESCRIPTION = """\
@@ -337,5 +338,14 @@ def _recommend(args, console) -> None:
         console.print(f"wrote {args.output}: preftune train --config {args.output}")
 
 
+def command_line() -> int:
+    """The `preftune` command and `python -m preftune`: `main`, on tcmalloc or jemalloc where one is installed.
+
+    The re-execution happens here, not in `main`, which tests and other programs call in their own process.
+    """
+    exec_with_fast_allocator()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command_line())

@@ -12,7 +12,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "preftune"
 
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "atomic", "settings", "runfolder"),
+    ("errors", "atomic", "settings", "runfolder", "allocator"),
     ("data",),
     ("logprobs",),
     ("model",),
