@@ -44,6 +44,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from preftune.allocator import exec_with_fast_allocator  # noqa: E402
 from preftune.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from preftune.config import apply_override, validate_config  # noqa: E402
 from preftune.data.pipeline import resolve_data_path  # noqa: E402
@@ -316,4 +317,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    exec_with_fast_allocator()  # as the `preftune` command does (preftune/allocator.py)
     sys.exit(main())

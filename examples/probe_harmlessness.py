@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from preftune.allocator import exec_with_fast_allocator
 from preftune.config import validate_config
 from preftune.eval.probes import render_probe_rows
 from preftune.run import train
@@ -66,4 +67,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    exec_with_fast_allocator()  # as the `preftune` command does (preftune/allocator.py)
     main()

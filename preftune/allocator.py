@@ -8,8 +8,8 @@ freed blocks by size and reuse them: the same step peaked 30% lower (benchmarks/
 allocation then page-faults: the step took 46% longer.
 
 A library replaces malloc only if it is loaded before anything allocates, so the `preftune`
-command (and `python -m preftune`) re-executes itself once with the library in `LD_PRELOAD`
-before it does anything else (`exec_with_fast_allocator`), the way PyTorch's own CPU launcher
+command (and `python -m preftune`, and the training scripts in examples/) re-executes itself once
+with the library in `LD_PRELOAD` before it does anything else (`exec_with_fast_allocator`), the way PyTorch's own CPU launcher
 (`torch.backends.xeon.run_cpu --enable-tcmalloc`) does. `PREFTUNE_MALLOC` chooses:
   auto (default)  tcmalloc, else jemalloc, whichever the dynamic loader finds; else the system's
   system          never re-execute
