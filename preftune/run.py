@@ -74,10 +74,11 @@ def build_trainer(config: RunConfig, *, console: Console | None = None) -> Train
         "model.dtype": settings.dtype, "base_dtype": base_dtype, "parameters_by_dtype": base_weight_dtypes(model),
         "load_in_4bit": settings.load_in_4bit,
     }
-    trainer.identity["memory"] = {**parts.memory.as_record(), "allocator": allocator_in_use()}
+    allocator = allocator_in_use()
+    trainer.identity["memory"] = {**parts.memory.as_record(), "allocator": allocator}
     trainer.identity["distribution"] = parts.distribution.as_record()
     if state.is_main_process:
-        console.print(f"memory: {parts.memory.reason}; malloc: {allocator_in_use()}")
+        console.print(f"memory: {parts.memory.reason}; malloc: {allocator}")
         console.print(f"distribution: {parts.distribution.reason}")
         stored = f"{QUANT_TYPE} computing in {base_dtype}" if settings.load_in_4bit else base_dtype
         console.print(f"precision: frozen decoder linears {stored} (model.dtype {settings.dtype}); LoRA, optimiser, LM head float32")

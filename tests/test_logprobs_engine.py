@@ -183,10 +183,8 @@ def test_no_full_vocabulary_tensor_is_kept_for_backward(pairs, tokenizer, adapte
     assert not [shape for shape in saved_shapes if shape and shape[-1] == vocab and shape != model.get_output_embeddings().weight.shape]
 
 
-def test_dpo_loss_and_gradients_equal_the_plain_two_sequence_computation(pairs, tokenizer):
-    policy = _lora_policy(len(tokenizer)).train()
-    batch = collate_pairs(pairs, pad_id=tokenizer.pad_token_id)
-
+def _engine_and_plain_dpo(policy, pairs, tokenizer, batch):
+    """(policy log-probs, DPO losses, LoRA gradients) through the engine on `batch`, then through the plain computation."""
     reference = ReferenceModel(policy, chunk_size=32).logps(batch)
     fast_policy = sequence_logps(policy, batch, chunk_size=32)
     (ref_chosen, ref_rejected), (chosen, rejected) = reference.by_answer(2), fast_policy.by_answer(2)
@@ -204,10 +202,15 @@ def test_dpo_loss_and_gradients_equal_the_plain_two_sequence_computation(pairs, 
         plain_policy.sum[:n], plain_policy.sum[n:], plain_reference.sum[:n], plain_reference.sum[n:], beta=0.5
     ).losses
     plain.sum().backward()
-    plain_grads = _grads(policy)
-
     assert not torch.allclose(plain_policy.sum, plain_reference.sum)  # the adapter matters, so the loss is not log 2
-    torch.testing.assert_close(fast.detach(), plain.detach(), rtol=1e-5, atol=1e-5)
+    return (fast_policy.sum.detach(), fast.detach(), fast_grads), (plain_policy.sum.detach(), plain.detach(), _grads(policy))
+
+
+def test_dpo_loss_and_gradients_equal_the_plain_two_sequence_computation(pairs, tokenizer):
+    policy = _lora_policy(len(tokenizer)).train()
+    batch = collate_pairs(pairs, pad_id=tokenizer.pad_token_id)
+    (_, fast, fast_grads), (_, plain, plain_grads) = _engine_and_plain_dpo(policy, pairs, tokenizer, batch)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
     for name in plain_grads:
         assert_grads_close(fast_grads[name], plain_grads[name], name)
 
@@ -215,33 +218,14 @@ def test_dpo_loss_and_gradients_equal_the_plain_two_sequence_computation(pairs, 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the FlexAttention path of the engine runs on CUDA only")
 def test_on_cuda_the_flex_attention_engine_gives_the_plain_dpo_loss_and_gradients(pairs, tokenizer):
     """The engine on CUDA: the packed row's block mask through compiled FlexAttention (attention.py), a model's whole
-    forward and backward, against one padded sequence per answer with transformers' own attention."""
+    forward and backward, against one padded sequence per answer with transformers' own sdpa attention (what the
+    packed attention falls back to without a plan)."""
     policy = _lora_policy(len(tokenizer)).cuda().train()
     batch = collate_pairs(pairs, pad_id=tokenizer.pad_token_id).to("cuda")
-
-    reference = ReferenceModel(policy, chunk_size=32).logps(batch)
-    fast_policy = sequence_logps(policy, batch, chunk_size=32)
-    (ref_chosen, ref_rejected), (chosen, rejected) = reference.by_answer(2), fast_policy.by_answer(2)
-    fast = dpo_loss(chosen.sum, rejected.sum, ref_chosen.sum, ref_rejected.sum, beta=0.5).losses
-    fast.sum().backward()
-    fast_grads = _grads(policy)
-
-    policy.config._attn_implementation = "sdpa"  # the plain path: transformers' dense attention, no packing
-    with torch.no_grad(), policy.disable_adapter():
-        policy.eval()
-        plain_reference = _plain(policy, pairs, tokenizer.pad_token_id)
-    policy.train()
-    plain_policy = _plain(policy, pairs, tokenizer.pad_token_id)
-    n = len(pairs)
-    plain = dpo_loss(
-        plain_policy.sum[:n], plain_policy.sum[n:], plain_reference.sum[:n], plain_reference.sum[n:], beta=0.5
-    ).losses
-    plain.sum().backward()
-    plain_grads = _grads(policy)
-
+    (fast_logps, fast, fast_grads), (plain_logps, plain, plain_grads) = _engine_and_plain_dpo(policy, pairs, tokenizer, batch)
     # Looser than on CPU: CUDA's fp32 kernels (Triton's among them) may round through TF32.
-    torch.testing.assert_close(fast_policy.sum, plain_policy.sum.detach(), rtol=1e-3, atol=1e-2)
-    torch.testing.assert_close(fast.detach(), plain.detach(), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(fast_logps, plain_logps, rtol=1e-3, atol=1e-2)
+    torch.testing.assert_close(fast, plain, rtol=1e-3, atol=1e-3)
     for name in plain_grads:
         assert plain_grads[name].abs().max() > 0, name
         torch.testing.assert_close(

@@ -109,17 +109,25 @@ def test_the_4bit_model_computes_what_its_dequantised_weights_compute(model_dir,
     torch.testing.assert_close(ours, full, rtol=0, atol=0.05 * full.abs().max().item())
 
 
-def test_lora_gradients_through_the_4bit_base_equal_the_dequantised_models_and_survive_the_reference_forward(model_dir, batch):
-    """The reference forward (eval mode, no grad) must not change how later training forwards run: bitsandbytes would
-    repack the weights for inference there, and every LoRA gradient behind it would silently vanish."""
-    policy = _lora(load_model(str(model_dir), four_bit_compute_dtype="float32"))
-    base = load_model(str(model_dir), four_bit_compute_dtype="float32")
+def _gradients_beside_the_dequantised_twin(four_bit, base, batch, device: str = "cpu"):
+    """LoRA gradients of the 4-bit `four_bit` (twice, a reference forward between) and of `base` dequantised to fp32."""
+    policy = _lora(four_bit).to(device)
     dequantize_into_fp32(base)
-    twin = _lora(base)
+    twin = _lora(base).to(device)
+    batch = batch.to(device)
     first = _dpo_gradients(policy, ReferenceModel(policy, chunk_size=64), batch)
     again = _dpo_gradients(policy, ReferenceModel(policy, chunk_size=64), batch)
     expected = _dpo_gradients(twin, ReferenceModel(twin, chunk_size=64), batch)
     assert len(first) == len(expected) == 8 and all(g.abs().sum() > 0 for g in first.values())
+    return first, again, expected
+
+
+def test_lora_gradients_through_the_4bit_base_equal_the_dequantised_models_and_survive_the_reference_forward(model_dir, batch):
+    """The reference forward (eval mode, no grad) must not change how later training forwards run: bitsandbytes would
+    repack the weights for inference there, and every LoRA gradient behind it would silently vanish."""
+    first, again, expected = _gradients_beside_the_dequantised_twin(
+        *(load_model(str(model_dir), four_bit_compute_dtype="float32") for _ in range(2)), batch
+    )
     for name, gradient in expected.items():
         torch.testing.assert_close(first[name], gradient, rtol=1e-3, atol=1e-6)
         torch.testing.assert_close(again[name], first[name], rtol=0, atol=0)
@@ -130,16 +138,10 @@ def test_lora_gradients_through_the_4bit_base_equal_the_dequantised_models_and_s
 def test_on_cuda_the_4bit_base_is_quantised_on_the_gpu_and_trains_like_its_dequantised_weights(model_dir, batch, compute_dtype):
     """Quantised layer by layer onto the GPU (nothing left on the CPU), then the same checks as on CPU: log-probs and
     LoRA gradients of the dequantised twin, and gradients unchanged by a reference forward in between."""
-    policy = _lora(load_model(str(model_dir), four_bit_compute_dtype=compute_dtype, device="cuda"))
-    assert {layer.weight.device.type for layer in four_bit_linears(policy)} == {"cuda"}
-    base = load_model(str(model_dir), four_bit_compute_dtype=compute_dtype, device="cuda")
-    dequantize_into_fp32(base)
-    twin = _lora(base).cuda()
-    batch = batch.to("cuda")
-    first = _dpo_gradients(policy, ReferenceModel(policy, chunk_size=64), batch)
-    again = _dpo_gradients(policy, ReferenceModel(policy, chunk_size=64), batch)
-    expected = _dpo_gradients(twin, ReferenceModel(twin, chunk_size=64), batch)
-    assert len(first) == len(expected) == 8 and all(g.abs().sum() > 0 for g in first.values())
+    four_bit, base = (load_model(str(model_dir), four_bit_compute_dtype=compute_dtype, device="cuda") for _ in range(2))
+    assert {layer.weight.device.type for layer in four_bit_linears(four_bit)} == {"cuda"}
+    # load_model quantises onto the device; the embeddings, norms and head move with the rest, as a trainer moves them.
+    first, again, expected = _gradients_beside_the_dequantised_twin(four_bit, base, batch, device="cuda")
     for name, gradient in expected.items():
         scale = gradient.abs().max().item()
         if compute_dtype == "float32":
